@@ -1,0 +1,1 @@
+"""Self-supervised pretraining of vision transformers: data, models, methods, training, launch."""
