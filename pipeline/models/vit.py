@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
+from pipeline.data.packing import PackedBatch
 from pipeline.models.base import Backbone, make_head
 from pipeline.models.layers import (
     Attention,
@@ -32,7 +33,6 @@ from pipeline.models.layers import (
     layer_scale,
     run_blocks,
 )
-from pipeline.models.packing import PackedBatch
 
 # size -> (embed_dim, depth, num_heads): ViT paper (base/large/huge), DeiT (tiny/small).
 VIT_SIZES: dict[str, tuple[int, int, int]] = {

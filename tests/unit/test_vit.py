@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.models.packing import pack_images
+from pipeline.data.packing import pack_images
 from pipeline.models.vit import VisionTransformer, build_vit
 
 

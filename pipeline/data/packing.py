@@ -1,8 +1,8 @@
 """NaViT sequence packing: images of different sizes, patchified and packed into fixed-length rows.
 
 This module only lays tokens out; the ViT's `forward_packed` turns a `PackedBatch` into features
-with block-diagonal attention. It holds no model weights and makes no packing-policy decisions
-beyond first-fit in the given order (the loader decides which images go together).
+with block-diagonal attention. It sits in `data` so the loader can pack without importing models.
+It holds no weights and makes no packing-policy decision beyond first-fit in the given order.
 """
 
 from __future__ import annotations
