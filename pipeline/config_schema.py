@@ -179,12 +179,18 @@ class BucketsConfig:
     enabled: bool = _f(False, "crop to bucketed aspect ratios instead of squares")
     aspect_ratios: list[float] = _f([0.5, 0.75, 1.0, 4 / 3, 2.0], "bucket width/height ratios")
     token_budget: int | None = _f(None, "patch tokens per global crop; null = as for a square")
+    batch_tokens: int | None = _f(
+        None, "global-crop patch tokens per batch; null = train.batch_size x square-crop tokens"
+    )
+    navit: bool = _f(False, "ViT only: native-resolution images packed into sequences (NaViT)")
+    max_side: int = _f(512, "NaViT: longer image side is capped to this many pixels")
+    seq_len: int = _f(1024, "NaViT: tokens per packed sequence")
 
     def __post_init__(self) -> None:
         ratios = self.aspect_ratios
         ok = bool(ratios) and all(r > 0 for r in ratios)
         _check(ok, f"data.buckets.aspect_ratios={ratios} must be a non-empty list of positives.")
-        _at_least("data.buckets", self, 1, "token_budget")
+        _at_least("data.buckets", self, 1, "token_budget", "batch_tokens", "max_side", "seq_len")
 
 
 @dataclass(kw_only=True)
@@ -504,6 +510,16 @@ def _check_recipe(r: Recipe) -> None:
             f"data.crops.mae_size={size} is not divisible by {unit}, the mask unit of "
             f"method.name=mae on {backbone} (method.mae.mask_patch_size, by default "
             f"{'the coarsest stage stride' if hier else 'the patch size'}).",
+        )
+    if r.data.buckets.navit:
+        _check(
+            r.model.backbone.startswith("vit_"),
+            f"data.buckets.navit=true packs ViT token sequences; {backbone} is not a ViT.",
+        )
+        _check(
+            r.data.buckets.max_side % stride == 0,
+            f"data.buckets.max_side={r.data.buckets.max_side} is not divisible by the input "
+            f"stride {stride} of {backbone}.",
         )
     dup = sorted({s for s in r.stages if r.stages.count(s) > 1})
     _check(not dup, f"stages={r.stages} lists {', '.join(dup)} more than once.")

@@ -261,6 +261,11 @@ def test_wrong_type_names_key_value_type_and_file(tmp_path, extra, expected):
         (["optim.lr=0"], "optim.lr=0.0 must be positive"),
         (["optim.warmup_epochs=200"], "optim.warmup_epochs=200.0 exceeds train.epochs=100"),
         (["data.crops.global_scale=[0.5,0.2]"], "data.crops.global_scale=[0.5, 0.2]"),
+        (
+            ["model.backbone=swin_tiny", "data.buckets.navit=true"],
+            "data.buckets.navit=true packs ViT token sequences; model.backbone=swin_tiny",
+        ),
+        (["data.buckets.navit=true", "data.buckets.max_side=500"], "data.buckets.max_side=500"),
     ],
 )
 def test_cross_field_rules_name_the_keys(tmp_path, overrides, expected):
