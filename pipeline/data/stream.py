@@ -1,0 +1,749 @@
+"""Deterministic, resumable streaming of WebDataset shards into batches.
+
+Exact-epoch mode (the default) lays one epoch out up front, from (seed, epoch) alone:
+
+- the shards are permuted; the samples not yet seen this epoch are cut into `world_size`
+  contiguous runs of equal length (`ceil(R / W)`; a rank short of one sample repeats one, marked
+  with id -1), so every rank takes the same number of batches and nobody hangs at an epoch end;
+- each rank's batches are split into contiguous blocks, one per loader worker, so a worker reads
+  only its own stretch of shards; batches come out in a fixed interleaved order (`slot`);
+- a worker shuffles its samples through webdataset's seeded buffer, and each sample's crops are
+  drawn from a generator seeded by (seed, epoch, sample id), never from the stream's history.
+
+The position (`state_dict`) is the set of samples consumed this epoch. A resume at the same world
+size, workers and batch size replays the layout and drops what was consumed, so the batches that
+follow are bitwise those of an uninterrupted run; at any other layout the unseen samples are laid
+out afresh over the new ranks. Either way no sample is repeated or skipped within the epoch.
+
+Resampled mode is an endless stream: each worker draws shards with replacement; a resume starts
+fresh streams (seeded by the batches already consumed) rather than replaying.
+
+Corrupt samples (undecodable bytes, missing image, truncated tar) are counted, logged with shard
+and key, and skipped; when more than `max_bad_fraction` of an epoch's samples on a rank are bad,
+the loader stops with an error naming the worst shard.
+
+Not here: decoding and crops (`transforms.py`), bucketing policy (`buckets.py`), shard writing
+(`shards.py`), and anything collective: per-rank states are gathered by the checkpoint code.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import tarfile
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.filters import _shuffle
+from webdataset.shardlists import expand_urls
+
+from pipeline.data.shards import load_manifest
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+STATE_VERSION = 1
+
+# transform(image bytes, rng, **shape) -> views (H, W, 3) uint8; collate(views of a batch) -> batch.
+Transform = Callable[..., list[np.ndarray]]
+Collate = Callable[[list[list[np.ndarray]]], Any]
+# grouper(raw samples) -> groups of (raw sample, transform keywords): aspect buckets, NaViT rows.
+Grouper = Callable[[Iterator[dict]], Iterator[list[tuple[dict, dict[str, Any]]]]]
+
+
+class DataError(RuntimeError):
+    """The data cannot be read as configured (bad-sample rate too high, shards changed, ...)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """One shard: where it is, how many samples it holds, the global id of its first sample."""
+
+    url: str
+    samples: int
+    offset: int
+
+    @property
+    def name(self) -> str:
+        return Path(self.url).name
+
+
+def _count_samples(url: str) -> int:
+    keys = set()
+    with tarfile.open(url) as tar:
+        for member in tar:
+            if member.isreg():
+                keys.add(wds.tariterators.base_plus_ext(member.name)[0])
+    return len(keys)
+
+
+def resolve_shards(spec: str) -> list[ShardRef]:
+    """A shard folder with manifest.json, or a brace pattern (`.../shard-{000000..000099}.tar`).
+
+    Counts come from the manifest (for a pattern, from a manifest beside the shards when there is
+    one); otherwise each shard is scanned once.
+    """
+    path = Path(spec)
+    if path.is_dir() or path.name == "manifest.json":
+        manifest = load_manifest(path)
+        urls = [manifest.path(s) for s in manifest.shards]
+        counts = [s.samples for s in manifest.shards]
+    else:
+        urls = expand_urls(spec)
+        missing = [u for u in urls if not Path(u).is_file()]
+        if missing:
+            raise DataError(f"{len(missing)} shard(s) of {spec!r} do not exist, e.g. {missing[0]}")
+        folder = Path(urls[0]).parent
+        known: dict[str, int] = {}
+        if (folder / "manifest.json").is_file():
+            known = {s.name: s.samples for s in load_manifest(folder).shards}
+        counts = [known.get(Path(u).name) or _count_samples(u) for u in urls]
+    if not urls:
+        raise DataError(f"no shards in {spec!r}")
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
+    return [ShardRef(u, n, o) for u, n, o in zip(urls, counts, offsets, strict=True)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The epoch layout (pure functions of seed, epoch, world size, workers, batch size, exclusions)
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """What one loader worker of one rank produces in one epoch.
+
+    segments: (shard index, first, end) local sample ranges, in reading order.
+    sizes: the size of each of its batches, in order.
+    slots: each batch's position in the rank's output order.
+    """
+
+    segments: tuple[tuple[int, int, int], ...]
+    sizes: tuple[int, ...]
+    slots: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """One rank's epoch: `batches` batches holding `real` samples and `padding` repeats."""
+
+    batches: int
+    real: int
+    padding: int
+    workers: tuple[WorkerPlan, ...]
+
+
+def _seed(*parts: int) -> int:
+    """One 63-bit seed from several integers (stable across processes and Python versions)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def plan_epoch(
+    shards: Sequence[ShardRef],
+    *,
+    seed: int,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    workers: int,
+    batch_size: int,
+    excluded: np.ndarray | None = None,
+) -> RankPlan:
+    """Lay out `rank`'s share of the epoch; `excluded` (bool per global id) marks samples done."""
+    order = np.random.default_rng(_seed(seed, epoch, 1)).permutation(len(shards))
+    # Remaining samples per shard, in the permuted order, and the local index of each.
+    remaining: list[np.ndarray] = []
+    for i in order:
+        s = shards[i]
+        local = np.arange(s.samples)
+        if excluded is not None:
+            local = local[~excluded[s.offset : s.offset + s.samples]]
+        remaining.append(local)
+    total = sum(len(r) for r in remaining)
+    quota = -(-total // world_size)  # every rank yields this many samples (ceil)
+    start = rank * (total // world_size) + min(rank, total % world_size)
+    real = total // world_size + (1 if rank < total % world_size else 0)
+    batches = -(-quota // batch_size)
+    sizes = [batch_size] * (batches - 1) + ([quota - (batches - 1) * batch_size] if batches else [])
+
+    workers = max(1, workers)
+    per_worker = [batches // workers + (1 if w < batches % workers else 0) for w in range(workers)]
+    # Output order: round-robin over the workers' blocks, as a DataLoader would fetch them.
+    slots: list[list[int]] = [[] for _ in range(workers)]
+    slot = 0
+    for j in range(max(per_worker, default=0)):
+        for w in range(workers):
+            if j < per_worker[w]:
+                slots[w].append(slot)
+                slot += 1
+
+    cum = np.cumsum([0] + [len(r) for r in remaining])
+    plans = []
+    first_batch = 0
+    for w in range(workers):
+        w_sizes = sizes[first_batch : first_batch + per_worker[w]]
+        lo = start + min(sum(sizes[:first_batch]), real)  # positions past `real` are padding
+        hi = start + min(sum(sizes[: first_batch + per_worker[w]]), real)
+        segments = []
+        for k, local in enumerate(remaining):
+            a, b = max(lo, cum[k]), min(hi, cum[k + 1])
+            if a < b:
+                sel = local[a - cum[k] : b - cum[k]]
+                segments.append((int(order[k]), int(sel[0]), int(sel[-1]) + 1))
+        plans.append(WorkerPlan(tuple(segments), tuple(w_sizes), tuple(slots[w])))
+        first_batch += per_worker[w]
+    return RankPlan(batches, real, quota - real, tuple(plans))
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side
+
+
+@dataclass
+class _Bad:
+    """A sample that could not be used, travelling through the stream like a sample."""
+
+    gid: int
+    shard: str
+    key: str
+    reason: str
+
+
+def _read_segment(
+    shard: ShardRef, first: int, end: int, excluded: np.ndarray | None
+) -> Iterator[dict | _Bad]:
+    """Raw samples of one shard with local index in [first, end), skipping excluded ones."""
+    errors: list[Exception] = []
+
+    def keep_going(exn: Exception) -> bool:
+        errors.append(exn)
+        return False  # a broken tar stream cannot be resynchronised: end this shard
+
+    stream = wds.tariterators.url_opener([{"url": shard.url}], handler=keep_going)
+    files = wds.tariterators.tar_file_expander(stream, handler=keep_going)
+    index = -1
+    for index, sample in enumerate(wds.tariterators.group_by_keys(files, handler=keep_going)):
+        if index >= end:
+            return
+        gid = shard.offset + index
+        if index < first or (excluded is not None and excluded[gid]):
+            continue
+        sample["__gid__"] = gid
+        yield sample
+    # Whatever the stream did not deliver is lost to truncation or a read error.
+    reason = f"shard unreadable after sample {index}: {errors[0] if errors else 'truncated'}"
+    for missing in range(max(first, index + 1), min(end, shard.samples)):
+        gid = shard.offset + missing
+        if excluded is None or not excluded[gid]:
+            yield _Bad(gid, shard.name, f"#{missing}", reason)
+
+
+def _image_bytes(sample: dict) -> bytes:
+    for ext in IMAGE_EXTS:
+        if ext in sample:
+            return sample[ext]
+    raise KeyError(f"no image member (has {sorted(k for k in sample if not k.startswith('__'))})")
+
+
+def _label(sample: dict) -> int:
+    return int(sample["cls"]) if "cls" in sample else -1
+
+
+class _Batch:
+    """Samples collected into one batch; bad ones are recorded instead of added."""
+
+    def __init__(self) -> None:
+        self.views: list[list[np.ndarray]] = []
+        self.labels: list[int] = []
+        self.ids: list[int] = []
+        self.bad: list[tuple[int, str, str, str]] = []
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def add(
+        self,
+        item: dict | _Bad,
+        transform: Transform,
+        rng: np.random.Generator,
+        shape: dict[str, Any] | None = None,
+    ) -> None:
+        if isinstance(item, _Bad):
+            self.bad.append((item.gid, item.shard, item.key, item.reason))
+            return
+        try:
+            self.views.append(transform(_image_bytes(item), rng, **(shape or {})))
+        except Exception as exc:  # any decode failure is a bad sample, not a dead run
+            shard = Path(item["__url__"]).name
+            reason = f"{type(exc).__name__}: {exc}"
+            self.bad.append((item["__gid__"], shard, item["__key__"], reason))
+            return
+        self.labels.append(_label(item))
+        self.ids.append(item["__gid__"])
+
+    def finish(self, collate: Collate, **extra: Any) -> dict:
+        return {
+            "views": collate(self.views),
+            "label": torch.tensor(self.labels, dtype=torch.long),
+            "id": torch.tensor(self.ids, dtype=torch.long),
+            "bad": self.bad,
+            **extra,
+        }
+
+
+@dataclass(frozen=True)
+class _Job:
+    """Everything a worker needs, picklable: the layout and how to turn bytes into tensors."""
+
+    shards: tuple[ShardRef, ...]
+    plans: tuple[WorkerPlan, ...]
+    seed: int
+    epoch: int
+    shuffle_buffer: int
+    transform: Transform
+    collate: Collate
+    excluded: np.ndarray | None
+    skip: np.ndarray | None  # consumed so far under this layout: dropped after the shuffle
+    skip_slots: int  # batches the rank already yielded
+    grouper: Grouper | None = None
+
+
+def _gid(item: dict | _Bad) -> int:
+    return item.gid if isinstance(item, _Bad) else item["__gid__"]
+
+
+def _worker_stream(job: _Job, worker: int) -> Iterator[dict | _Bad]:
+    """The worker's raw samples: its stretch of shards, shuffled, minus what was consumed."""
+    plan = job.plans[worker]
+
+    def raw() -> Iterator[dict | _Bad]:
+        for shard_index, first, end in plan.segments:
+            yield from _read_segment(job.shards[shard_index], first, end, job.excluded)
+
+    stream: Iterator[dict | _Bad] = raw()
+    if job.shuffle_buffer > 1:
+        rng = random.Random(_seed(job.seed, job.epoch, worker, 2))
+        stream = _shuffle(stream, job.shuffle_buffer, job.shuffle_buffer, rng=rng)
+    if job.skip is not None:
+        stream = (item for item in stream if not job.skip[_gid(item)])
+    return stream
+
+
+def _worker_batches(job: _Job, worker: int) -> Iterator[dict]:
+    """The batches of one worker, in its order, each tagged with its output slot."""
+    if job.grouper is not None:
+        yield from _worker_groups(job, worker)
+        return
+    plan = job.plans[worker]
+    todo = [(j, s) for j, s in enumerate(plan.slots) if s >= job.skip_slots]
+    if not todo:
+        return
+    stream = _worker_stream(job, worker)
+
+    spare: tuple[bytes, int, int] | None = None  # what padding repeats, found when first needed
+    for j, slot in todo:
+        batch = _Batch()
+        while len(batch) < plan.sizes[j]:
+            item = next(stream, None)
+            if item is None:
+                break
+            rng = np.random.default_rng(_seed(job.seed, job.epoch, _gid(item), 3))
+            batch.add(item, job.transform, rng)
+        while len(batch) < plan.sizes[j]:  # padding: the same number of batches on every rank
+            spare = spare or _spare(job, plan)
+            image, label, spare_gid = spare
+            rng = np.random.default_rng(_seed(job.seed, job.epoch, spare_gid, 4, slot, len(batch)))
+            batch.views.append(job.transform(image, rng))
+            batch.labels.append(label)
+            batch.ids.append(-1)
+        yield batch.finish(job.collate, slot=slot)
+
+
+def _worker_groups(job: _Job, worker: int) -> Iterator[dict]:
+    """Grouped batches (buckets, NaViT): as many as the worker's samples make, in its order."""
+    bad: list[_Bad] = []
+
+    def good() -> Iterator[dict]:
+        for item in _worker_stream(job, worker):
+            if isinstance(item, _Bad):
+                bad.append(item)
+            else:
+                yield item
+
+    carried: list[tuple[int, str, str, str]] = []  # bad-sample reports not yet sent
+    for group in job.grouper(good()):
+        batch = _Batch()
+        for item, shape in group:
+            rng = np.random.default_rng(_seed(job.seed, job.epoch, item["__gid__"], 3))
+            batch.add(item, job.transform, rng, shape)
+        carried += [(b.gid, b.shard, b.key, b.reason) for b in bad] + batch.bad
+        bad.clear()
+        if len(batch):
+            batch.bad, carried = carried, []
+            yield batch.finish(job.collate, slot=-1)
+    carried += [(b.gid, b.shard, b.key, b.reason) for b in bad]
+    if carried:  # reports only: the main process counts them and yields nothing
+        yield {"views": None, "id": torch.empty(0, dtype=torch.long), "bad": carried, "slot": -1}
+
+
+def _spare(job: _Job, plan: WorkerPlan) -> tuple[bytes, int, int]:
+    """The sample padding repeats: the first readable one of the worker's stretch (else of all
+    shards), chosen the same way whatever was consumed, so a resumed run pads identically."""
+    ranges = [*plan.segments, *((i, 0, s.samples) for i, s in enumerate(job.shards))]
+    for shard_index, first, end in ranges:
+        for item in _read_segment(job.shards[shard_index], first, end, None):
+            if isinstance(item, _Bad):
+                continue
+            try:
+                image = _image_bytes(item)
+                job.transform(image, np.random.default_rng(0))
+            except Exception:
+                continue
+            return image, _label(item), item["__gid__"]
+    raise DataError(f"epoch {job.epoch}: no readable sample in any shard to pad batches with")
+
+
+class _EpochDataset(IterableDataset):
+    """One rank's epoch; each DataLoader worker runs its own `WorkerPlan`."""
+
+    def __init__(self, job: _Job) -> None:
+        self.job = job
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        if info is not None:
+            yield from _worker_batches(self.job, info.id)
+            return
+        # No worker processes: run the logical workers here, in the same interleaved order.
+        streams = {w: _worker_batches(self.job, w) for w in range(len(self.job.plans))}
+        while streams:
+            for w in list(streams):
+                batch = next(streams[w], None)
+                if batch is None:
+                    del streams[w]
+                else:
+                    yield batch
+
+
+def _resampled_batches(
+    shards: tuple[ShardRef, ...],
+    seed: int,
+    stream_seed: int,
+    batch_size: int,
+    shuffle_buffer: int,
+    transform: Transform,
+    collate: Collate,
+) -> Iterator[dict]:
+    """Endless batches: shards drawn with replacement, samples shuffled, crops seeded per draw."""
+    info = get_worker_info()
+    worker = info.id if info is not None else 0
+    picker = random.Random(_seed(seed, stream_seed, worker, 5))
+
+    def raw() -> Iterator[dict | _Bad]:
+        while True:
+            shard = shards[picker.randrange(len(shards))]
+            yield from _read_segment(shard, 0, shard.samples, None)
+
+    stream = _shuffle(raw(), max(shuffle_buffer, 1), max(shuffle_buffer, 1), rng=picker)
+    draw = 0
+    while True:
+        batch = _Batch()
+        while len(batch) < batch_size:
+            draw += 1
+            rng = np.random.default_rng(_seed(seed, stream_seed, worker, draw, 6))
+            batch.add(next(stream), transform, rng)
+        yield batch.finish(collate)
+
+
+class _ResampledDataset(IterableDataset):
+    def __init__(self, **kw: Any) -> None:
+        self.kw = kw
+
+    def __iter__(self) -> Iterator[dict]:
+        return _resampled_batches(**self.kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Main process
+
+
+@dataclass
+class _Position:
+    """Where the rank stands in the current epoch."""
+
+    epoch: int = 0
+    excluded: np.ndarray | None = None  # consumed before the current layout was made
+    consumed: np.ndarray | None = None  # consumed under the current layout, by this rank
+    batches: int = 0  # batches yielded under the current layout
+    stats: Counter = field(default_factory=Counter)
+
+
+class ShardLoader:
+    """Batches for one rank, with a resumable position. Iterating runs the rest of one epoch.
+
+    Each batch is a dict: `views` (list of uint8 (B, 3, H, W) tensors), `label` (B,) with -1 for
+    unlabelled, `id` (B,) global sample ids with -1 for padding repeats.
+    """
+
+    def __init__(
+        self,
+        shards: str | Sequence[ShardRef],
+        *,
+        transform: Transform,
+        collate: Collate,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        workers: int = 0,
+        mode: Literal["exact", "resampled"] = "exact",
+        shuffle_buffer: int = 0,
+        max_bad_fraction: float = 0.001,
+        steps_per_epoch: int | None = None,
+        grouper: Grouper | None = None,
+        agree: Callable[[bool], bool] | None = None,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        self.shards = tuple(resolve_shards(shards) if isinstance(shards, str) else shards)
+        self.total = sum(s.samples for s in self.shards)
+        self.transform, self.collate = transform, collate
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.seed, self.workers, self.mode = seed, workers, mode
+        self.shuffle_buffer, self.max_bad_fraction = shuffle_buffer, max_bad_fraction
+        # Grouped batches (buckets, NaViT) come in numbers that depend on the data, so ranks
+        # agree on the epoch end through `agree(has_batch) -> every rank has one` (a collective
+        # the trainer passes in; None on a single rank).
+        self.grouper, self.agree = grouper, agree
+        if grouper is not None and mode != "exact":
+            raise ValueError("grouped batches (buckets, NaViT) need mode='exact'")
+        # Resampled mode has no natural epoch; an "epoch" is this many batches.
+        self.steps_per_epoch = steps_per_epoch or -(-self.total // (batch_size * world_size))
+        self.pos = _Position()
+
+    # Layout --------------------------------------------------------------------------------
+
+    def plan(self) -> RankPlan:
+        """This rank's layout of the current epoch (exact mode)."""
+        return plan_epoch(
+            self.shards,
+            seed=self.seed,
+            epoch=self.pos.epoch,
+            rank=self.rank,
+            world_size=self.world_size,
+            workers=self.workers,
+            batch_size=self.batch_size,
+            excluded=self.pos.excluded,
+        )
+
+    def __len__(self) -> int:
+        """Batches left in the current epoch (grouped batches: the fixed-size estimate)."""
+        if self.mode == "resampled":
+            return self.steps_per_epoch - self.pos.batches
+        return self.plan().batches - self.pos.batches
+
+    @property
+    def epoch(self) -> int:
+        return self.pos.epoch
+
+    # Iteration -----------------------------------------------------------------------------
+
+    def _loader(self, dataset: IterableDataset) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=self.workers,
+            persistent_workers=False,
+            prefetch_factor=2 if self.workers else None,
+        )
+
+    def __iter__(self) -> Iterator[dict]:
+        if self.mode == "resampled":
+            yield from self._iter_resampled()
+        elif self.grouper is not None:
+            yield from self._iter_grouped()
+        else:
+            yield from self._iter_exact()
+        self.pos = _Position(epoch=self.pos.epoch + 1, stats=self.pos.stats)
+
+    def _iter_exact(self) -> Iterator[dict]:
+        plan = self.plan()
+        if self.pos.consumed is None:
+            self.pos.consumed = np.zeros(self.total, dtype=bool)
+        if plan.padding:
+            log.info(
+                "epoch %d: rank %d repeats %d sample(s) so every rank takes %d batches",
+                self.pos.epoch, self.rank, plan.padding, plan.batches,
+            )  # fmt: skip
+        # Mid-epoch (a resume, or iterating again after a break) the workers replay the layout
+        # and drop what this rank consumed: what follows is what an uninterrupted run yields.
+        skip = self.pos.consumed.copy() if self.pos.batches else None
+        job = _Job(
+            self.shards, plan.workers, self.seed, self.pos.epoch, self.shuffle_buffer,
+            self.transform, self.collate, self.pos.excluded, skip, self.pos.batches,
+        )  # fmt: skip
+        pending: dict[int, dict] = {}
+        for batch in self._loader(_EpochDataset(job)):
+            pending[batch["slot"]] = batch
+            while self.pos.batches in pending:
+                yield self._account(pending.pop(self.pos.batches), plan.real + plan.padding)
+        if pending or self.pos.batches != plan.batches:
+            raise DataError(
+                f"epoch {self.pos.epoch}: rank {self.rank} produced {self.pos.batches} of "
+                f"{plan.batches} batches"
+            )
+
+    def _iter_grouped(self) -> Iterator[dict]:
+        if self.pos.batches:
+            # Mid-epoch: lay the unseen samples out afresh (grouping is not replayable by count).
+            self.pos.excluded = self._done()
+            self.pos.consumed, self.pos.batches = None, 0
+        plan = self.plan()
+        self.pos.consumed = np.zeros(self.total, dtype=bool)
+        job = _Job(
+            self.shards, plan.workers, self.seed, self.pos.epoch, self.shuffle_buffer,
+            self.transform, self.collate, self.pos.excluded, None, 0, self.grouper,
+        )  # fmt: skip
+        expected = plan.real + plan.padding
+        for batch in self._loader(_EpochDataset(job)):
+            if batch["views"] is None:  # bad-sample reports only
+                self._account(batch, expected)
+                continue
+            if self.agree is not None and not self.agree(True):
+                log.info("epoch %d: another rank ran out of batches; ending the epoch", self.epoch)
+                return
+            yield self._account(batch, expected)
+        if self.agree is not None:
+            self.agree(False)  # the others' pending agree(True) now returns False
+
+    def _done(self) -> np.ndarray | None:
+        """Samples consumed this epoch so far, whatever the layout."""
+        done = np.zeros(self.total, dtype=bool)
+        for part in (self.pos.excluded, self.pos.consumed):
+            if part is not None:
+                done |= part
+        return done if done.any() else None
+
+    def _iter_resampled(self) -> Iterator[dict]:
+        dataset = _ResampledDataset(
+            shards=self.shards,
+            seed=self.seed,
+            stream_seed=_seed(self.pos.epoch, self.pos.batches, self.rank),
+            batch_size=self.batch_size,
+            shuffle_buffer=self.shuffle_buffer,
+            transform=self.transform,
+            collate=self.collate,
+        )
+        expected = self.steps_per_epoch * self.batch_size
+        for batch in self._loader(dataset):
+            if self.pos.batches >= self.steps_per_epoch:
+                break
+            yield self._account(batch, expected)
+
+    def _account(self, batch: dict, expected: int) -> dict:
+        """Record a batch as consumed, count bad samples, stop when too many are bad."""
+        stats = self.pos.stats
+        ids = batch["id"]
+        if self.pos.consumed is not None:
+            self.pos.consumed[ids[ids >= 0].numpy()] = True
+        stats["samples"] += int((ids >= 0).sum())
+        stats["padding"] += int((ids < 0).sum())
+        for gid, shard, key, reason in batch.pop("bad"):
+            if self.pos.consumed is not None:
+                self.pos.consumed[gid] = True
+            stats["bad"] += 1
+            stats[f"bad:{shard}"] += 1
+            log.warning("skipping bad sample %s in %s: %s", key, shard, reason)
+            if stats["bad"] > self.max_bad_fraction * expected:
+                worst = max((k for k in stats if k.startswith("bad:")), key=stats.get)
+                raise DataError(
+                    f"{stats['bad']} bad samples in epoch {self.pos.epoch} on rank {self.rank} "
+                    f"exceed data.max_bad_fraction={self.max_bad_fraction} of {expected}; most "
+                    f"in {worst[4:]} ({stats[worst]}), last: {key} in {shard} ({reason})"
+                )
+        batch.pop("slot", None)
+        if batch["views"] is not None:
+            self.pos.batches += 1
+        return batch
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Samples, padding repeats and bad samples seen (per shard under `bad:<name>`)."""
+        return dict(self.pos.stats)
+
+    # Position ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's position; save one per rank and pass them all to `load_state_dict`."""
+
+        def pack(a: np.ndarray | None) -> bytes | None:
+            return None if a is None else np.packbits(a).tobytes()
+
+        return {
+            "version": STATE_VERSION,
+            "mode": self.mode,
+            "epoch": self.pos.epoch,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "workers": self.workers,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "total": self.total,
+            "batches": self.pos.batches,
+            "excluded": pack(self.pos.excluded),
+            "consumed": pack(self.pos.consumed),
+        }
+
+    def load_state_dict(self, states: dict[str, Any] | Sequence[dict[str, Any]]) -> None:
+        """Resume from the states of every rank of the run that saved them (any world size)."""
+        states = [states] if isinstance(states, dict) else list(states)
+        first = states[0]
+        if first["total"] != self.total:
+            raise DataError(
+                f"the saved data position covers {first['total']} samples but the shards now "
+                f"hold {self.total}: resume with the shards the run started with"
+            )
+        if len({(s["epoch"], s["batches"]) for s in states}) != 1:
+            raise DataError("the saved per-rank data positions disagree on epoch or batch count")
+
+        def unpack(b: bytes | None) -> np.ndarray | None:
+            if b is None:
+                return None
+            return np.unpackbits(np.frombuffer(b, dtype=np.uint8), count=self.total).astype(bool)
+
+        pos = _Position(epoch=first["epoch"], stats=self.pos.stats)
+        same = (
+            first["mode"] == self.mode
+            and len(states) == self.world_size
+            and (first["world_size"], first["workers"], first["batch_size"], first["seed"])
+            == (self.world_size, self.workers, self.batch_size, self.seed)
+        )
+        if self.mode == "resampled":
+            pos.batches = first["batches"]
+        elif same and self.grouper is None:
+            mine = states[self.rank]
+            pos.excluded = unpack(mine["excluded"])
+            pos.consumed = unpack(mine["consumed"])
+            pos.batches = mine["batches"]
+        else:
+            done = np.zeros(self.total, dtype=bool)
+            for s in states:
+                for packed in (s["excluded"], s["consumed"]):
+                    if packed is not None:
+                        done |= unpack(packed)
+            pos.excluded = done if done.any() else None
+            log.info(
+                "data position: re-laying out %d unseen samples of epoch %d over %d ranks",
+                self.total - int(done.sum()), pos.epoch, self.world_size,
+            )  # fmt: skip
+        self.pos = pos
