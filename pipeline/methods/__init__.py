@@ -1,0 +1,1 @@
+"""Pretraining objectives (MAE, DINO): each wraps a backbone and returns a loss and logs."""
