@@ -1,0 +1,175 @@
+"""Loaders from a recipe's `data` section: which crops, which batching, for which method.
+
+This is the one place that maps recipe keys to data parts: DINO multicrop or the MAE crop on the
+CPU side, then fixed-size batches, aspect-ratio buckets (`data.buckets.enabled`) or NaViT packed
+sequences (`data.buckets.navit`). Runtime facts (rank, world size, the input stride of the
+backbone) are passed in; nothing here imports models or talks to other ranks.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.config import DataConfig
+from pipeline.data.buckets import (
+    BucketBatcher,
+    NaViTBatcher,
+    batch_tokens_from_config,
+    buckets_from_config,
+    local_shape,
+)
+from pipeline.data.packing import PackedBatch, pack_images
+from pipeline.data.stream import ShardLoader
+from pipeline.data.transforms import DinoCrops, EvalCrop, MaeCrop, ResizeTo, collate_views
+
+log = logging.getLogger(__name__)
+
+
+def original_size(sample: dict) -> tuple[int, int]:
+    """(width, height) before any shrinking: from the shard's json, else the image header."""
+    if "json" in sample:
+        meta = json.loads(sample["json"])
+        return int(meta["width"]), int(meta["height"])
+    for ext in ("jpg", "jpeg", "png", "webp"):
+        if ext in sample:
+            with Image.open(io.BytesIO(sample[ext])) as im:
+                return im.size
+    raise KeyError(f"sample {sample.get('__key__')} has neither json nor an image")
+
+
+class BucketGrouper:
+    """Groups raw samples by aspect bucket; crops take the bucket's shape (locals a scaled one)."""
+
+    def __init__(
+        self,
+        data: DataConfig,
+        method: str,
+        stride: int,
+        batch_size: int,
+    ) -> None:
+        crop = data.crops.global_size if method == "dino" else data.crops.mae_size
+        self.buckets = buckets_from_config(data.buckets, crop, stride)
+        self.batch_tokens = batch_tokens_from_config(data.buckets, batch_size, crop, stride)
+        self.stride = stride
+        self.shapes: list[dict[str, Any]] = []
+        for b in self.buckets:
+            hw = (b.height, b.width)
+            if method == "dino":
+                local = local_shape(b, data.crops.global_size, data.crops.local_size, stride)
+                self.shapes.append({"global_hw": hw, "local_hw": local})
+            else:
+                self.shapes.append({"hw": hw})
+
+    def __call__(self, samples: Iterator[dict]) -> Iterator[list[tuple[dict, dict[str, Any]]]]:
+        batcher = BucketBatcher(
+            self.buckets, original_size, batch_tokens=self.batch_tokens, stride=self.stride
+        )
+        for batch in batcher.batches(samples):
+            yield [(item, self.shapes[batch.bucket]) for item in batch.items]
+        log.info("bucket statistics:\n%s", batcher.summary())
+
+
+class NaViTGrouper:
+    """Groups raw samples into packed sequences at their (capped) native resolution."""
+
+    def __init__(self, data: DataConfig, patch: int, seqs_per_batch: int, prefix: int) -> None:
+        self.kw = dict(
+            patch=patch,
+            max_side=data.buckets.max_side,
+            seq_len=data.buckets.seq_len,
+            seqs_per_batch=seqs_per_batch,
+            num_prefix_tokens=prefix,
+        )
+
+    def __call__(self, samples: Iterator[dict]) -> Iterator[list[tuple[dict, dict[str, Any]]]]:
+        batcher = NaViTBatcher(original_size, **self.kw)
+        for batch in batcher.batches(samples):
+            yield [(item, {"hw": hw}) for item, hw in batch.items]
+        log.info("NaViT packing statistics:\n%s", batcher.summary())
+
+
+class PackCollate:
+    """NaViT collate: one uint8 view per image -> a `PackedBatch` of uint8 patches."""
+
+    def __init__(self, patch: int, seq_len: int, prefix: int) -> None:
+        self.patch, self.seq_len, self.prefix = patch, seq_len, prefix
+
+    def __call__(self, views: list[list[np.ndarray]]) -> PackedBatch:
+        images = [torch.from_numpy(v[0]).permute(2, 0, 1) for v in views]  # (3, H, W) uint8
+        return pack_images(images, self.patch, self.seq_len, self.prefix)
+
+
+def build_train_loader(
+    data: DataConfig,
+    *,
+    method: str,
+    stride: int,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    num_prefix_tokens: int = 1,
+    agree: Callable[[bool], bool] | None = None,
+) -> ShardLoader:
+    """The pretraining loader for `method` ("dino" | "mae") on a backbone of input `stride`.
+
+    With NaViT packing, `batch_size` counts packed sequences, not images.
+    """
+    transform: Callable[..., list[np.ndarray]]
+    transform = DinoCrops(data.crops) if method == "dino" else MaeCrop(data.crops)
+    collate: Callable[[list[list[np.ndarray]]], Any] = collate_views
+    grouper = None
+    if data.buckets.navit:
+        transform = ResizeTo(data.crops.hflip)
+        grouper = NaViTGrouper(data, stride, batch_size, num_prefix_tokens)
+        collate = PackCollate(stride, data.buckets.seq_len, num_prefix_tokens)
+    elif data.buckets.enabled:
+        grouper = BucketGrouper(data, method, stride, batch_size)
+    return ShardLoader(
+        data.train.shards,
+        transform=transform,
+        collate=collate,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        workers=data.workers,
+        mode=data.mode,
+        shuffle_buffer=data.shuffle_buffer,
+        max_bad_fraction=data.max_bad_fraction,
+        grouper=grouper,
+        agree=agree,
+    )
+
+
+def build_eval_loader(
+    data: DataConfig,
+    shards: str,
+    *,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int = 0,
+) -> ShardLoader:
+    """Evaluation: every sample once, in a fixed order, resized and centre-cropped."""
+    return ShardLoader(
+        shards,
+        transform=EvalCrop(data.eval_resize, data.eval_crop),
+        collate=collate_views,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        workers=data.workers,
+        mode="exact",
+        shuffle_buffer=0,
+        max_bad_fraction=data.max_bad_fraction,
+    )
