@@ -95,7 +95,8 @@ def set_rng_state(state: dict) -> None:
 # --------------------------------------------------------------------------- atomic files
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """Flush a file or a directory entry to disk, where the filesystem allows it."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # some filesystems do not open directories
@@ -119,7 +120,7 @@ def _write_bytes_atomic(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    _fsync(path.parent)
 
 
 def _torch_save_atomic(obj: Any, path: Path) -> None:
@@ -144,20 +145,6 @@ def _list_files(tag_dir: Path) -> Iterator[Path]:
             if name.startswith(".") or (dirpath == str(tag_dir) and name == COMMIT_FILE):
                 continue
             yield Path(dirpath, name)
-
-
-def _fsync_file(path: Path) -> None:
-    # DeepSpeed writes its files without fsync; flush them before they are declared committed.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------- commit records
@@ -315,7 +302,7 @@ class CheckpointManager:
     ) -> None:
         files = {}
         for path in _list_files(tag_dir):
-            _fsync_file(path)
+            _fsync(path)  # DeepSpeed writes without fsync: flush before declaring it committed
             files[path.relative_to(tag_dir).as_posix()] = path.stat().st_size
         for rank in range(self.world_size):  # cheap guard against a rank that wrote elsewhere
             if f"rank-{rank:05d}.pt" not in files:
