@@ -243,6 +243,7 @@ def pretrain(recipe: Recipe, env: DistEnv, run_dir: Path) -> dict[str, Any]:
         if teacher is not None:
             teacher.load_state_dict(shared["teacher"])
         if env.is_main:
+            _truncate_metrics(run_dir / "metrics.jsonl", step)
             log.info("resumed from %s at step %d", tag, step)
     elif env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -295,6 +296,16 @@ def pretrain(recipe: Recipe, env: DistEnv, run_dir: Path) -> dict[str, Any]:
     if metrics is not None:
         metrics.close()
     return {"step": step, "run_dir": str(run_dir)}
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records past the resumed step: they are trained again, and logged once only."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
 
 
 def _freeze_epochs(recipe: Recipe) -> float:

@@ -89,6 +89,9 @@ def test_mae_zero2_trains_checkpoints_and_resumes(shards, tmp_path):
     assert (run_dir / "config.yaml").is_file()
     assert (run_dir / "checkpoints" / "committed").read_text().strip().endswith("00000008")
 
+    # As if the run had died after logging step 9: those records go when step 8 resumes.
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({**first[-1], "step": 9}) + "\n")
     # A longer run into the same directory resumes at step 8: no step is trained twice.
     run_ranks(2, RECIPES / "mae_tiny.yaml", [*common, "train.steps=12"], run_dir)
     steps = [m["step"] for m in read_metrics(run_dir)]
