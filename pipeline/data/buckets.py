@@ -187,7 +187,27 @@ class _BucketStats:
     waste_sum: float = 0.0  # sum over this bucket's batches of their waste fraction
 
 
-class BucketBatcher(Generic[T]):
+class _Streaming(Generic[T]):
+    """`batches(items)`: every batch as soon as `add` completes one, then what `flush` leaves."""
+
+    def add(self, item: T) -> Any:
+        raise NotImplementedError
+
+    def flush(self) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def batches(self, items: Iterable[T]) -> Iterator[Any]:
+        for item in items:
+            batch = self.add(item)
+            if batch is not None:
+                yield batch
+        yield from self.flush()
+
+    def __call__(self, items: Iterable[T]) -> Iterator[Any]:
+        return self.batches(items)
+
+
+class BucketBatcher(_Streaming[T]):
     """Groups a stream of items into single-bucket batches.
 
     Keeps one pending list per bucket; a bucket's list is emitted as soon as it reaches that
@@ -244,16 +264,6 @@ class BucketBatcher(Generic[T]):
         for b in range(len(self.buckets)):
             if self._pending[b]:
                 yield self._emit(b, full=False)
-
-    def batches(self, items: Iterable[T]) -> Iterator[BucketBatch[T]]:
-        """Stream: every batch as soon as it is full, then the flushed partial ones."""
-        for item in items:
-            batch = self.add(item)
-            if batch is not None:
-                yield batch
-        yield from self.flush()
-
-    __call__ = batches
 
     def _emit(self, b: int, *, full: bool) -> BucketBatch[T]:
         items, self._pending[b] = self._pending[b], []
@@ -388,7 +398,7 @@ class _NaViTStats:
     images_per_batch: list[int] = field(default_factory=list)
 
 
-class NaViTBatcher(Generic[T]):
+class NaViTBatcher(_Streaming[T]):
     """Groups images at native resolution so that each group packs into `seqs_per_batch` rows.
 
     Each item takes `num_prefix_tokens + (h/patch) * (w/patch)` slots, its shape from
@@ -465,16 +475,6 @@ class NaViTBatcher(Generic[T]):
         """Emit the last, partly filled group, if any."""
         if self._items:
             yield self._emit(full=False)
-
-    def batches(self, items: Iterable[T]) -> Iterator[NaViTBatch[T]]:
-        """Stream: every group as soon as the next item does not fit, then the last one."""
-        for item in items:
-            batch = self.add(item)
-            if batch is not None:
-                yield batch
-        yield from self.flush()
-
-    __call__ = batches
 
     def _first_fit(self, need: int) -> int | None:
         for r, used in enumerate(self._used):

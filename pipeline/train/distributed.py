@@ -62,6 +62,17 @@ def free_port(low: int = 20000, high: int = 32000) -> int:
     raise RuntimeError(f"no free port in [{low}, {high})")
 
 
+def rank_environ(rank: int, world_size: int, port: int, addr: str = "127.0.0.1") -> dict[str, str]:
+    """The variables a process of a single-node group needs (what a launcher exports)."""
+    return {
+        "MASTER_ADDR": addr,
+        "MASTER_PORT": str(port),
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+    }
+
+
 def init_distributed(env: DistEnv) -> None:
     """Join the process group (a no-op when already joined); single processes join one of 1."""
     import deepspeed  # heavy import, only where a process group is made

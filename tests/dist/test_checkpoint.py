@@ -30,7 +30,7 @@ from pipeline.train.checkpoint import (
     set_rng_state,
     validate,
 )
-from pipeline.train.distributed import free_port
+from pipeline.train.distributed import free_port, rank_environ
 
 # --------------------------------------------------------------------------- unit level
 
@@ -210,14 +210,7 @@ def test_rng_state_round_trip():
 
 
 def _worker(rank: int, world_size: int, port: int, story, args: tuple) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-        DS_ACCELERATOR="cpu",
-    )
+    os.environ.update(rank_environ(rank, world_size, port), DS_ACCELERATOR="cpu")
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")

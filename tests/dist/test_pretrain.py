@@ -16,20 +16,13 @@ from PIL import Image
 
 from pipeline.config import load_recipe
 from pipeline.data.shards import write_shards
-from pipeline.train.distributed import free_port
+from pipeline.train.distributed import free_port, rank_environ
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "debug"
 
 
 def _rank_main(rank: int, world_size: int, port: int, recipe_path: str, overrides, run_dir):
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        OMP_NUM_THREADS="1",
-    )
+    os.environ.update(rank_environ(rank, world_size, port), OMP_NUM_THREADS="1")
     import torch
 
     torch.set_num_threads(1)
