@@ -105,6 +105,23 @@ def every_rank(flag: bool, device: torch.device | None = None) -> bool:
     return bool(t.item())
 
 
+def finish_and_exit() -> None:
+    """Leave a process that has finished its work: barrier, tear the group down, `os._exit(0)`.
+
+    Under ZeRO-3 on CPU a C++ thread is sometimes still joinable when the interpreter's static
+    destructors run, which aborts the process (SIGABRT) after all work is done. Exiting without
+    those destructors keeps a finished rank's status 0. Root cause not found yet.
+    """
+    import sys
+
+    if dist.is_initialized():
+        barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def barrier() -> None:
     """Wait for every rank (no-op on a single process)."""
     if dist.is_initialized() and dist.get_world_size() > 1:

@@ -30,7 +30,7 @@ from pipeline.train.checkpoint import (
     set_rng_state,
     validate,
 )
-from pipeline.train.distributed import free_port, rank_environ
+from pipeline.train.distributed import finish_and_exit, free_port, rank_environ
 
 # --------------------------------------------------------------------------- unit level
 
@@ -214,11 +214,8 @@ def _worker(rank: int, world_size: int, port: int, story, args: tuple) -> None:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")
-    try:
-        story(rank, world_size, *args)
-        torch.distributed.barrier()  # no rank tears gloo down while another still talks
-    finally:
-        torch.distributed.destroy_process_group()
+    story(rank, world_size, *args)
+    finish_and_exit()
 
 
 def _spawn(story, world_size: int, *args, timeout: float = 240.0) -> None:

@@ -16,7 +16,7 @@ from PIL import Image
 
 from pipeline.config import load_recipe
 from pipeline.data.shards import write_shards
-from pipeline.train.distributed import free_port, rank_environ
+from pipeline.train.distributed import finish_and_exit, free_port, rank_environ
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "debug"
 
@@ -30,12 +30,8 @@ def _rank_main(rank: int, world_size: int, port: int, recipe_path: str, override
     from pipeline.train.engine import pretrain
 
     recipe = load_recipe(recipe_path, overrides)
-    try:
-        pretrain(recipe, DistEnv(rank, rank, world_size), Path(run_dir))
-        torch.distributed.barrier()  # no rank tears gloo down while another still talks
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    pretrain(recipe, DistEnv(rank, rank, world_size), Path(run_dir))
+    finish_and_exit()
 
 
 def run_ranks(world_size: int, recipe: Path, overrides: list[str], run_dir: Path) -> None:
