@@ -477,6 +477,15 @@ class _ResampledDataset(IterableDataset):
 # Main process
 
 
+def _union(total: int, masks: Sequence[np.ndarray | None]) -> np.ndarray | None:
+    """Samples marked in any of `masks` (None entries skipped); None when none is marked."""
+    done = np.zeros(total, dtype=bool)
+    for mask in masks:
+        if mask is not None:
+            done |= mask
+    return done if done.any() else None
+
+
 @dataclass
 class _Position:
     """Where the rank stands in the current epoch."""
@@ -628,11 +637,7 @@ class ShardLoader:
 
     def _done(self) -> np.ndarray | None:
         """Samples consumed this epoch so far, whatever the layout."""
-        done = np.zeros(self.total, dtype=bool)
-        for part in (self.pos.excluded, self.pos.consumed):
-            if part is not None:
-                done |= part
-        return done if done.any() else None
+        return _union(self.total, [self.pos.excluded, self.pos.consumed])
 
     def _iter_resampled(self) -> Iterator[dict]:
         dataset = _ResampledDataset(
@@ -736,12 +741,9 @@ class ShardLoader:
             pos.consumed = unpack(mine["consumed"])
             pos.batches = mine["batches"]
         else:
-            done = np.zeros(self.total, dtype=bool)
-            for s in states:
-                for packed in (s["excluded"], s["consumed"]):
-                    if packed is not None:
-                        done |= unpack(packed)
-            pos.excluded = done if done.any() else None
+            parts = [unpack(st[k]) for st in states for k in ("excluded", "consumed")]
+            pos.excluded = _union(self.total, parts)
+            done = pos.excluded if pos.excluded is not None else np.zeros(self.total, dtype=bool)
             log.info(
                 "data position: re-laying out %d unseen samples of epoch %d over %d ranks",
                 self.total - int(done.sum()), pos.epoch, self.world_size,
