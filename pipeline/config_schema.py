@@ -356,6 +356,7 @@ class LogConfig:
 
     every_steps: int = _f(20, "log every N optimizer steps")
     tensorboard: bool = _f(True, "also write TensorBoard events")
+    sample_ids: bool = _f(False, "audit: each rank writes every step's global sample ids")
 
     def __post_init__(self) -> None:
         _at_least("log", self, 1, "every_steps")
@@ -520,6 +521,13 @@ def _check_recipe(r: Recipe) -> None:
             r.data.buckets.max_side % stride == 0,
             f"data.buckets.max_side={r.data.buckets.max_side} is not divisible by the input "
             f"stride {stride} of {backbone}.",
+        )
+    if r.train.precision != "fp32" and r.train.grad_accum > 1:
+        # Without ZeRO, DeepSpeed accumulates bf16/fp16 gradients in their own precision.
+        _check(
+            r.deepspeed.zero_stage >= 1,
+            f"train.precision={r.train.precision} with train.grad_accum={r.train.grad_accum} "
+            f"needs deepspeed.zero_stage >= 1 (fp32 accumulation); it is 0.",
         )
     dup = sorted({s for s in r.stages if r.stages.count(s) > 1})
     _check(not dup, f"stages={r.stages} lists {', '.join(dup)} more than once.")

@@ -100,13 +100,16 @@ def every_rank(flag: bool, device: torch.device | None = None) -> bool:
     """True when `flag` holds on every rank (a MIN all-reduce): how ranks agree to stop."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return flag
-    t = torch.tensor([int(flag)], device=device or torch.device("cpu"))
+    if device is None:  # NCCL reduces CUDA tensors only
+        nccl = dist.get_backend() == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    t = torch.tensor([int(flag)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
 
 
-def finish_and_exit() -> None:
-    """Leave a process that has finished its work: barrier, tear the group down, `os._exit(0)`.
+def finish_and_exit(code: int = 0) -> None:
+    """Leave a process that has finished its work: barrier, tear the group down, `os._exit`.
 
     Under ZeRO-3 on CPU a C++ thread is sometimes still joinable when the interpreter's static
     destructors run, which aborts the process (SIGABRT) after all work is done. Exiting without
@@ -119,7 +122,7 @@ def finish_and_exit() -> None:
         dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 def barrier() -> None:

@@ -7,13 +7,13 @@ augmentation -> (DINO: teacher forward) -> forward -> backward/step -> (DINO: te
 Precision, ZeRO stage, accumulation and clipping come from the recipe; parameter groups are made
 by NAME (never by `ndim`, which ZeRO-3 hides), and their table is printed at start-up.
 
-Not here yet: the ZeRO-3 partitioned DINO teacher (DINO runs under ZeRO 0-2; MAE under 0-3) and
-preemption signals; both belong to this module's next step.
+The DINO teacher lives in `teacher.py` (a full copy under ZeRO 0-2, partitioned like the student
+under ZeRO-3); figures go through `metrics.py`; stop signals through `preemption.py`: a requested
+stop saves the current step on every rank and returns, for the launcher to requeue.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -27,12 +27,15 @@ from torch import nn
 from pipeline.config import Recipe, recipe_hash, save_recipe
 from pipeline.data.loader import build_train_loader
 from pipeline.data.transforms import DeviceAugment, normalize
-from pipeline.methods.dino import DINO, ema_parameters, ema_update_, make_teacher, teacher_forward
+from pipeline.methods.dino import DINO, make_teacher
 from pipeline.methods.mae import MAE
 from pipeline.models import build_backbone
 from pipeline.train.checkpoint import CheckpointManager, rng_state, set_rng_state
 from pipeline.train.distributed import DistEnv, all_reduce_sum, every_rank, init_distributed
+from pipeline.train.metrics import MetricsWriter, SampleLog, peak_memory_gb
+from pipeline.train.preemption import StopFlag
 from pipeline.train.schedules import Schedules
+from pipeline.train.teacher import Teacher, build_teacher
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +112,9 @@ def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
         "bf16": {"enabled": t.precision == "bf16"},
         "fp16": {"enabled": t.precision == "fp16"},
     }
-    if t.precision != "fp32":
-        # Accumulate gradients in fp32 whatever the compute precision (bf16 sums drift).
+    if t.precision != "fp32" and ds.zero_stage >= 1:
+        # Accumulate gradients in fp32 whatever the compute precision (bf16 sums drift). ZeRO-0
+        # has no such mode; the recipe check allows it only without accumulation.
         cfg["data_types"] = {"grad_accum_dtype": "fp32"}
     if ds.offload_optimizer:
         cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
@@ -130,18 +134,20 @@ class StepContext:
     augment: Callable[[list[torch.Tensor], torch.Generator], list[torch.Tensor]]
     generator: torch.Generator
     world_size: int = 1
-    teacher: nn.Module | None = None
-    ema_pairs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+    teacher: Teacher | None = None
     nan_policy: str = "stop"
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 def train_step(engine: Any, batch: dict, values: dict[str, float], ctx: StepContext) -> dict:
-    """One micro-step on one batch; returns float logs (empty when the step was skipped)."""
+    """One micro-step on one batch; returns float logs (empty when the step was skipped).
+
+    The teacher's EMA and the DINO centre move at optimizer-step boundaries only.
+    """
     views = [v.to(ctx.device, non_blocking=True) for v in batch["views"]]
     views = [v.to(ctx.dtype) for v in ctx.augment(views, ctx.generator)]
     if ctx.method == "dino":
-        teacher_out = teacher_forward(ctx.teacher, [v.float() for v in views[:2]])
+        teacher_out = ctx.teacher.forward(views[:2])
         out = engine(views, teacher_out, values["teacher_temp"])
     else:
         out = engine(views[0], ctx.generator)
@@ -155,10 +161,10 @@ def train_step(engine: Any, batch: dict, values: dict[str, float], ctx: StepCont
         log.warning("skipping step %d: non-finite loss on some rank", values["step"])
         return {}
     engine.backward(loss)
+    boundary = engine.is_gradient_accumulation_boundary()
     engine.step()
-    if ctx.method == "dino":
-        teacher_params, student_params = ctx.ema_pairs
-        ema_update_(teacher_params, student_params, values["momentum"])
+    if ctx.method == "dino" and boundary:
+        ctx.teacher.update(values["momentum"])
         engine.module.update_center(teacher_out, all_reduce_sum, ctx.world_size)
     logs = {"loss": float(loss.detach())}
     logs.update({k: float(v) for k, v in out["logs"].items()})
@@ -174,23 +180,25 @@ def _set_schedules(optimizer: Any, values: dict[str, float], frozen_last_layer: 
         g["weight_decay"] = values["wd"] if g["apply_wd"] else 0.0
 
 
-def pretrain(recipe: Recipe, env: DistEnv, run_dir: Path) -> dict[str, Any]:
-    """Run (or resume) the recipe's pretraining in `run_dir`; returns a short summary."""
+def pretrain(
+    recipe: Recipe, env: DistEnv, run_dir: Path, *, progress: bool = True
+) -> dict[str, Any]:
+    """Run (or resume) the recipe's pretraining in `run_dir`.
+
+    Returns `{"step", "total", "run_dir", "stopped"}`; `stopped` names the signal when a stop
+    request (SIGUSR1/SIGTERM/SIGINT) ended the run early, after a committed checkpoint.
+    """
     import deepspeed
 
     init_distributed(env)
     torch.manual_seed(recipe.run.seed)  # identical initial weights on every rank
-    student, teacher = build_method(recipe)
+    student, teacher_module = build_method(recipe)
     device = env.device
     method = recipe.method.name
-    if method == "dino" and recipe.deepspeed.zero_stage == 3:
-        raise NotImplementedError(
-            "DINO under deepspeed.zero_stage=3 needs the partitioned teacher, which is not "
-            "built yet; use zero_stage 0-2 for DINO"
-        )
     groups = param_groups(student, recipe.optim.weight_decay)
+    ds_config = deepspeed_config(recipe)
     engine, optimizer, _, _ = deepspeed.initialize(
-        model=student, model_parameters=groups, config=deepspeed_config(recipe)
+        model=student, model_parameters=groups, config=ds_config
     )
     if env.is_main:
         log.info("parameter groups:\n%s", param_group_table(groups))
@@ -204,9 +212,8 @@ def pretrain(recipe: Recipe, env: DistEnv, run_dir: Path) -> dict[str, Any]:
         world_size=env.world_size,
         nan_policy=recipe.train.nan_policy,
     )
-    if teacher is not None:
-        ctx.teacher = teacher.to(device)
-        ctx.ema_pairs = ema_parameters(teacher, engine.module)
+    if teacher_module is not None:
+        ctx.teacher = build_teacher(teacher_module, engine, ds_config, device)
 
     backbone = engine.module.backbone
     loader = build_train_loader(
@@ -233,79 +240,120 @@ def pretrain(recipe: Recipe, env: DistEnv, run_dir: Path) -> dict[str, Any]:
         keep=recipe.checkpoint.keep,
         recipe_hash=recipe_hash(recipe),
     )
-    step = 0
-    tag = ckpt.latest()
-    if tag is not None:
-        client, rank_states, shared = ckpt.load(engine, tag)
-        step = client["step"]
-        loader.load_state_dict([s["data"] for s in rank_states])
-        set_rng_state(rank_states[env.rank]["rng"] if env.rank < len(rank_states) else {})
-        if teacher is not None:
-            teacher.load_state_dict(shared["teacher"])
-        if env.is_main:
-            _truncate_metrics(run_dir / "metrics.jsonl", step)
-            log.info("resumed from %s at step %d", tag, step)
-    elif env.is_main:
+    step = _resume(ckpt, engine, loader, ctx.teacher, env)
+    if step == 0 and env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, run_dir / "config.yaml")
 
     def save() -> None:
-        shared = {"teacher": teacher.state_dict()} if teacher is not None else None
+        teacher_state = ctx.teacher.state_dict() if ctx.teacher is not None else None
         ckpt.save(
             engine,
             step,
             client_state={"step": step, "epoch": loader.epoch},
             rank_state={"data": loader.state_dict(), "rng": rng_state()},
-            shared=shared,
+            shared={"teacher": teacher_state} if teacher_state is not None else None,
         )
 
-    metrics = (run_dir / "metrics.jsonl").open("a") if env.is_main else None
+    writer = MetricsWriter(
+        run_dir,
+        enabled=env.is_main,
+        total_steps=total,
+        start_step=step,
+        tensorboard=recipe.log.tensorboard,
+        progress=progress,
+    )
+    samples = SampleLog(run_dir, env.rank, enabled=recipe.log.sample_ids, start_step=step)
+    stop = StopFlag()
+    stopped = None
     batches = iter(loader)
     last = time.perf_counter()
-    while step < total:
-        values = {"step": step, **sched.at(step)}
-        _set_schedules(optimizer, values, sched.epoch(step) < _freeze_epochs(recipe))
-        ctx.generator.manual_seed(recipe.run.seed * 1_000_003 + step * 1009 + env.rank)
-        wait = time.perf_counter()
-        for _ in range(recipe.train.grad_accum):
-            batch = next(batches, None)
-            if batch is None:  # epoch end: the loader starts the next epoch
-                batches = iter(loader)
-                batch = next(batches)
-            data_time = time.perf_counter() - wait
-            logs = train_step(engine, batch, values, ctx)
-        step += 1
-        now = time.perf_counter()
-        if metrics is not None and logs and step % recipe.log.every_steps == 0:
-            record = {
-                "step": step,
-                "epoch": round(sched.epoch(step), 4),
-                **logs,
-                "lr": values["lr"],
-                "wd": values["wd"],
-                "images_per_s": round(global_batch / (now - last), 2),
-                "data_time": round(data_time, 4),
-            }
-            if method == "dino":
-                record.update(momentum=values["momentum"], teacher_temp=values["teacher_temp"])
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-        last = now
-        if step % recipe.checkpoint.every_steps == 0 or step == total:
-            save()
-    if metrics is not None:
-        metrics.close()
-    return {"step": step, "run_dir": str(run_dir)}
+    try:
+        while step < total:
+            values = {"step": step, **sched.at(step)}
+            _set_schedules(optimizer, values, sched.epoch(step) < _freeze_epochs(recipe))
+            ctx.generator.manual_seed(recipe.run.seed * 1_000_003 + step * 1009 + env.rank)
+            data_time, ids = 0.0, []
+            for _ in range(recipe.train.grad_accum):
+                wait = time.perf_counter()
+                batch = next(batches, None)
+                if batch is None:  # epoch end: the loader starts the next epoch
+                    batches = iter(loader)
+                    batch = next(batches)
+                data_time += time.perf_counter() - wait
+                ids += batch["id"].tolist()
+                logs = train_step(engine, batch, values, ctx)
+            step += 1
+            now = time.perf_counter()
+            record = None
+            if logs and step % recipe.log.every_steps == 0:
+                record = {
+                    "step": step,
+                    "epoch": round(sched.epoch(step), 4),
+                    **logs,
+                    "lr": values["lr"],
+                    "wd": values["wd"],
+                    "grad_norm": _grad_norm(engine),
+                    "images_per_s": round(global_batch / (now - last), 2),
+                    "data_time": round(data_time, 4),
+                    "mem_gb": round(peak_memory_gb(device), 3),
+                }
+                if method == "dino":
+                    record.update(momentum=values["momentum"], teacher_temp=values["teacher_temp"])
+            writer.step(step, record)
+            samples.write(step, ids)
+            last = now
+            if step < total and stop.agreed(env.world_size):
+                stopped = stop.requested or "another rank"
+                save()
+                log.warning("stopped at step %d on %s; checkpoint committed", step, stopped)
+                break
+            if step % recipe.checkpoint.every_steps == 0 or step == total:
+                save()
+    finally:
+        stop.close()
+        writer.close()
+        samples.close()
+    return {"step": step, "total": total, "run_dir": str(run_dir), "stopped": stopped}
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records past the resumed step: they are trained again, and logged once only."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+def _resume(
+    ckpt: CheckpointManager, engine: Any, loader: Any, teacher: Teacher | None, env: DistEnv
+) -> int:
+    """Load the newest committed checkpoint, if any; returns the step to continue from.
+
+    ZeRO-3 optimizer state cannot move to another world size: then the weights, the teacher and
+    the data position are loaded, and the optimizer starts afresh (with a warning).
+    """
+    tag = ckpt.latest()
+    if tag is None:
+        return 0
+    info = ckpt.commit_info(tag)
+    load_optimizer = not (info["zero_stage"] == 3 and info["world_size"] != env.world_size)
+    if not load_optimizer and env.is_main:
+        log.warning(
+            "%s was saved by %d ZeRO-3 ranks, now %d: loading weights only; AdamW moments "
+            "start from zero",
+            tag,
+            info["world_size"],
+            env.world_size,
+        )
+    client, rank_states, shared = ckpt.load(engine, tag, load_optimizer=load_optimizer)
+    loader.load_state_dict([s["data"] for s in rank_states])
+    set_rng_state(rank_states[env.rank]["rng"] if env.rank < len(rank_states) else {})
+    if teacher is not None:
+        teacher.load_state_dict(shared["teacher"])
+    if env.is_main:
+        log.info("resumed from %s at step %d", tag, client["step"])
+    return int(client["step"])
+
+
+def _grad_norm(engine: Any) -> float | None:
+    """The global gradient norm DeepSpeed computed at the last step (None where it did not)."""
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return None
+    return round(float(norm), 5)
 
 
 def _freeze_epochs(recipe: Recipe) -> float:

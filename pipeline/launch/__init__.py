@@ -1,0 +1,1 @@
+"""Launchers: local processes (`local.py`) and SLURM through submitit (`slurm.py`)."""

@@ -1,0 +1,64 @@
+"""Local mode: N processes of `python -m pipeline.stages` on this machine.
+
+torch's elastic agent (what `torchrun` runs) starts the ranks with RANK/LOCAL_RANK/WORLD_SIZE/
+MASTER_* set, watches them, and stops the others when one fails. On Ctrl-C the terminal sends
+SIGINT to every rank; each saves at the next step boundary and exits with `REQUEUE_EXIT_CODE`,
+which we report as a clean stop, not as a failure.
+
+Not here: recipe validation and the run directory (`tools/launch.py` does both first).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import uuid
+from pathlib import Path
+
+from pipeline.train.distributed import free_port
+from pipeline.train.preemption import REQUEUE_EXIT_CODE
+
+log = logging.getLogger(__name__)
+
+
+def stage_args(config: Path, stages: list[str] | None = None) -> list[str]:
+    """The arguments of `python -m pipeline.stages` for a resolved recipe."""
+    args = ["-m", "pipeline.stages", str(config)]
+    for stage in stages or []:
+        args += ["--stage", stage]
+    return args
+
+
+def run_local(config: Path, nproc: int, stages: list[str] | None = None) -> int:
+    """Run the recipe at `config` on `nproc` local ranks; returns an exit status.
+
+    0: the stages finished; `REQUEUE_EXIT_CODE`: stopped on request after a checkpoint (run it
+    again to resume); anything else: a rank failed (its error is in the log above).
+    """
+    from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    cfg = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=uuid.uuid4().hex,
+        rdzv_backend="c10d",
+        rdzv_endpoint=f"127.0.0.1:{free_port()}",
+        max_restarts=0,
+        monitor_interval=0.5,
+        logs_specs=DefaultLogsSpecs(),
+    )
+    try:
+        elastic_launch(cfg, sys.executable)(*stage_args(config, stages))
+    except ChildFailedError as err:
+        codes = {f.exitcode for f in err.failures.values()}
+        if codes == {REQUEUE_EXIT_CODE}:
+            return REQUEUE_EXIT_CODE
+        log.error("a rank failed: %s", err.format_msg())
+        return max((c for c in codes if c > 0), default=1)
+    except SignalException as err:
+        log.warning("stopped by %s", err.sigval.name)
+        return REQUEUE_EXIT_CODE
+    return 0

@@ -1,0 +1,90 @@
+"""The one entry point every task runs: a resolved recipe's stages, in order.
+
+    python -m pipeline.stages RUN_DIR/config.yaml [--stage NAME] [key=value ...]
+
+Every rank of a job runs this (the local launcher through torch's elastic agent, the SLURM
+launcher through submitit); rank facts come from the environment (RANK, LOCAL_RANK, WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT). The process exits 0 when the stages are done, and
+`REQUEUE_EXIT_CODE` when a stop signal ended pretraining early after a committed checkpoint:
+running the same command again resumes from it.
+
+Not here: where the processes come from (`pipeline.launch`), nor what a stage does inside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Recipe, load_recipe
+from pipeline.train.distributed import DistEnv, env_from_environ, finish_and_exit
+from pipeline.train.preemption import REQUEUE_EXIT_CODE
+
+log = logging.getLogger("pipeline.stages")
+
+
+def run_dir_of(recipe: Recipe) -> Path:
+    """`run.dir / run.name`: where a recipe's run lives."""
+    return Path(recipe.run.dir) / recipe.run.name
+
+
+def run_stages(recipe: Recipe, env: DistEnv, run_dir: Path, stages: list[str] | None = None) -> int:
+    """Run `stages` (default: the recipe's) in order; returns the process exit status."""
+    from pipeline.train.engine import pretrain
+
+    results_path = run_dir / "results.json"
+    for stage in stages or list(recipe.stages):
+        if env.is_main:
+            log.info("stage %s: %s", stage, run_dir)
+        if stage == "pretrain":
+            summary = pretrain(recipe, env, run_dir)
+            if summary["stopped"]:
+                return REQUEUE_EXIT_CODE
+            results: dict[str, Any] = {"pretrain_steps": summary["step"]}
+        else:
+            results = _eval_stage(stage, recipe, env, run_dir)
+        if env.is_main:
+            _merge_results(results_path, {stage: results})
+    return 0
+
+
+def _eval_stage(stage: str, recipe: Recipe, env: DistEnv, run_dir: Path) -> dict[str, Any]:
+    raise NotImplementedError(f"stage {stage!r} is not available yet")
+
+
+def _merge_results(path: Path, update: dict[str, Any]) -> None:
+    """Fold a stage's figures into results.json (atomically; other stages' figures stay)."""
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    results.update(update)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the command line, run the stages on this rank, exit with their status."""
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.stages", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("config", type=Path, help="a recipe; normally RUN_DIR/config.yaml")
+    p.add_argument("--stage", action="append", help="run only this stage (repeatable)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    args = p.parse_args(argv)
+    env = env_from_environ()
+    logging.basicConfig(
+        level=logging.INFO if env.is_main else logging.WARNING,
+        format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    recipe = load_recipe(args.config, args.overrides)
+    code = run_stages(recipe, env, run_dir_of(recipe), args.stage)
+    finish_and_exit(code)
+
+
+if __name__ == "__main__":
+    main()
