@@ -1,0 +1,230 @@
+"""Benchmark pretraining steps: images/s and memory per rank for method x backbone x ZeRO stage.
+
+    python tools/bench_train.py --methods mae,dino --backbones vit_small_patch16 --stages 0,2,3 \\
+        --size 224 --batch 8 --world-size 2 --json bench_train.json
+
+Each combination runs in fresh processes (one per rank, gloo on CPU, NCCL on GPU): the real
+engine pieces (`build_method`, `deepspeed_config`, the teacher, `train_step`) on synthetic uint8
+batches, so the figure is the step itself, not the loader (see `tools/bench_loader.py`). The
+method settings come from the paper recipes (DINO: `recipes/dino_vits16.yaml`, MAE:
+`recipes/mae_vitb16.yaml`), with the backbone, crop size, batch, precision and stage replaced.
+
+Per rank it reports the bytes held for parameters and optimizer state (every distinct
+tensor storage the engine keeps, counted once), the DINO teacher, and the peak memory (CUDA
+allocator peak on GPU, resident set on CPU). `state_vs_zero0` compares parameters + optimizer
+state with stage 0 of the same method and backbone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.config import load_recipe  # noqa: E402
+from pipeline.train.distributed import free_port, rank_environ  # noqa: E402
+
+RECIPES = {"dino": ROOT / "recipes/dino_vits16.yaml", "mae": ROOT / "recipes/mae_vitb16.yaml"}
+
+
+def storage_bytes(tensors, seen: set[int]) -> int:
+    """Bytes of the distinct storages behind `tensors` not counted yet (views count once)."""
+    total = 0
+    for t in tensors:
+        if t is None or t.numel() == 0:
+            continue
+        storage = t.untyped_storage()
+        if storage.data_ptr() in seen:
+            continue
+        seen.add(storage.data_ptr())
+        total += storage.nbytes()
+    return total
+
+
+def innermost_optimizer(engine) -> torch.optim.Optimizer:
+    opt = engine.optimizer
+    while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
+        opt = opt.optimizer
+    return opt
+
+
+def state_memory(engine, teacher) -> dict[str, float]:
+    """MiB held by this rank for parameters, optimizer state and the teacher.
+
+    Gradients are left out: DeepSpeed frees or reuses their buffers between steps, so a count
+    after the step says nothing; their peak is part of `peak_mem_gb`.
+    """
+    seen: set[int] = set()
+    params = [getattr(p, "ds_tensor", p.data) for p in engine.module.parameters()]
+    opt = innermost_optimizer(engine)
+    masters = [p for g in opt.param_groups for p in g["params"]]
+    out = {"params_mb": storage_bytes(params, seen)}
+    # fp32 masters (ZeRO-1/2/3 flat partitions; under fp32 ZeRO-0 they are the params above).
+    out["optim_mb"] = storage_bytes(masters, seen) + storage_bytes(
+        [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)], seen
+    )
+    if teacher is not None:
+        tensors = [getattr(p, "ds_tensor", p.data) for p in teacher.module.parameters()]
+        out["teacher_mb"] = storage_bytes(tensors + getattr(teacher, "master", []), seen)
+    return {k: round(v / 2**20, 2) for k, v in out.items()}
+
+
+def synthetic_batch(recipe, method: str, batch: int, gen: torch.Generator) -> dict:
+    crops = recipe.data.crops
+    if method == "dino":
+        sizes = [crops.global_size] * 2 + [crops.local_size] * crops.local_number
+    else:
+        sizes = [crops.mae_size]
+    shape = [(batch, 3, s, s) for s in sizes]
+    views = [torch.randint(0, 256, sh, dtype=torch.uint8, generator=gen) for sh in shape]
+    return {"views": views, "id": torch.arange(batch)}
+
+
+def _rank(rank: int, world_size: int, port: int, job: dict, out: str) -> None:
+    os.environ.update(rank_environ(rank, world_size, port))
+    import deepspeed
+
+    from pipeline.train.distributed import DistEnv, finish_and_exit, init_distributed
+    from pipeline.train.engine import (
+        StepContext,
+        _augment_fn,
+        build_method,
+        deepspeed_config,
+        param_groups,
+        train_step,
+    )
+    from pipeline.train.metrics import peak_memory_gb
+    from pipeline.train.teacher import build_teacher
+
+    env = DistEnv(rank, rank, world_size)
+    init_distributed(env)
+    recipe = load_recipe(RECIPES[job["method"]], job["overrides"])
+    torch.manual_seed(0)
+    student, teacher_module = build_method(recipe)
+    ds_config = deepspeed_config(recipe)
+    groups = param_groups(student, recipe.optim.weight_decay)
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=student, model_parameters=groups, config=ds_config
+    )
+    for g in optimizer.param_groups:
+        g["lr"] = 1e-4
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    ctx = StepContext(
+        method=job["method"],
+        device=env.device,
+        dtype=dtype[recipe.train.precision],
+        augment=_augment_fn(recipe),
+        generator=torch.Generator(env.device).manual_seed(rank),
+        world_size=world_size,
+    )
+    if teacher_module is not None:
+        ctx.teacher = build_teacher(teacher_module, engine, ds_config, env.device)
+    gen = torch.Generator().manual_seed(rank)
+    batch = synthetic_batch(recipe, job["method"], job["batch"], gen)
+    values = {"step": 0, "lr": 1e-4, "wd": 0.04, "momentum": 0.996, "teacher_temp": 0.04}
+    sync = torch.cuda.synchronize if env.device.type == "cuda" else (lambda: None)
+    for _ in range(job["warmup"]):
+        train_step(engine, batch, values, ctx)
+    sync()
+    start = time.perf_counter()
+    for _ in range(job["steps"]):
+        train_step(engine, batch, values, ctx)
+    sync()
+    seconds = (time.perf_counter() - start) / job["steps"]
+    result = {
+        "rank": rank,
+        "step_ms": round(1000 * seconds, 1),
+        "images_per_s": round(job["batch"] * world_size / seconds, 2),
+        "peak_mem_gb": round(peak_memory_gb(env.device), 3),
+        **state_memory(engine, ctx.teacher),
+    }
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    finish_and_exit()
+
+
+def run_job(job: dict, world_size: int, tmp: Path) -> list[dict]:
+    """One combination in `world_size` fresh processes; the per-rank results."""
+    for f in tmp.glob("rank*.json"):
+        f.unlink()
+    mp.spawn(_rank, args=(world_size, free_port(), job, str(tmp)), nprocs=world_size, join=True)
+    return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(world_size)]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--methods", default="mae,dino")
+    p.add_argument("--backbones", default="vit_small_patch16")
+    p.add_argument("--stages", default="0,2,3")
+    p.add_argument("--size", type=int, default=224, help="global / MAE crop side")
+    p.add_argument("--local-size", type=int, default=96, help="DINO local crop side")
+    p.add_argument("--local-crops", type=int, default=10, help="DINO local crops per image")
+    p.add_argument("--batch", type=int, default=8, help="images per rank")
+    p.add_argument("--world-size", type=int, default=2)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0 = default)")
+    p.add_argument("--set", nargs="*", default=[], help="extra recipe overrides (key=value)")
+    p.add_argument("--json", type=Path, default=Path("bench_train.json"))
+    args = p.parse_args()
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    tmp = args.json.with_suffix(".ranks")
+    tmp.mkdir(parents=True, exist_ok=True)
+    rows = []
+    columns = ["img/s", "ms/step", "params", "optim", "teacher", "peak GB"]
+    print(f"{'method':<6}{'backbone':<22}{'ZeRO':>5}" + "".join(f"{c:>9}" for c in columns)
+          + f"{'vs Z0':>7}")  # fmt: skip
+    for method in args.methods.split(","):
+        for backbone in args.backbones.split(","):
+            zero0 = None
+            for stage in [int(s) for s in args.stages.split(",")]:
+                overrides = [
+                    f"model.backbone={backbone}",
+                    f"deepspeed.zero_stage={stage}",
+                    f"train.precision={args.precision}",
+                    f"train.batch_size={args.batch}",
+                    f"data.crops.global_size={args.size}",
+                    f"data.crops.mae_size={args.size}",
+                    f"data.crops.local_size={args.local_size}",
+                    f"data.crops.local_number={args.local_crops}",
+                    *args.set,
+                ]
+                job = {"method": method, "overrides": overrides, "batch": args.batch,
+                       "steps": args.steps, "warmup": args.warmup}  # fmt: skip
+                ranks = run_job(job, args.world_size, tmp)
+                worst = max(ranks, key=lambda r: r["params_mb"] + r["optim_mb"])
+                state = worst["params_mb"] + worst["optim_mb"]
+                if stage == 0:
+                    zero0 = state
+                row = {
+                    "method": method, "backbone": backbone, "zero_stage": stage,
+                    "world_size": args.world_size, "size": args.size, "batch": args.batch,
+                    "precision": args.precision,
+                    "images_per_s": ranks[0]["images_per_s"],
+                    "state_vs_zero0": round(state / zero0, 3) if zero0 else None,
+                    "ranks": ranks,
+                }  # fmt: skip
+                row["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+                rows.append(row)
+                ratio = f"{row['state_vs_zero0']:.2f}" if zero0 else "-"
+                figures = [row["images_per_s"], worst["step_ms"], worst["params_mb"],
+                           worst["optim_mb"], worst.get("teacher_mb", 0.0),
+                           max(r["peak_mem_gb"] for r in ranks)]  # fmt: skip
+                cells = "".join(f"{v:>9.2f}" for v in figures)
+                print(f"{method:<6}{backbone:<22}{stage:>5}{cells}{ratio:>7}", flush=True)
+    args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
