@@ -427,6 +427,15 @@ class EvalConfig:
     """`eval`: the evaluation stages (which ones run is `stages`)."""
 
     batch_size: int = _f(256, "images per rank for feature extraction")
+    checkpoint: str | None = _f(
+        None,
+        "what to evaluate: a run dir, checkpoints folder, tag or exported .safetensors; "
+        "null = this run's newest committed checkpoint",
+    )
+    which: Literal["teacher", "student"] | None = _f(
+        None, "network to evaluate; null = the teacher for DINO, the encoder for MAE"
+    )
+    random_baseline: bool = _f(False, "also evaluate the backbone at random initialisation")
     knn: KnnConfig = _f(KnnConfig, "k-NN")
     linear: LinearConfig = _f(LinearConfig, "linear probe")
     finetune: FinetuneConfig = _f(FinetuneConfig, "fine-tuning")

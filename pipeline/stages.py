@@ -21,8 +21,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
 from pipeline.config import Recipe, load_recipe
-from pipeline.train.distributed import DistEnv, env_from_environ, finish_and_exit
+from pipeline.models import build_backbone
+from pipeline.train.distributed import DistEnv, env_from_environ, finish_and_exit, init_distributed
 from pipeline.train.preemption import REQUEUE_EXIT_CODE
 
 log = logging.getLogger("pipeline.stages")
@@ -50,11 +54,52 @@ def run_stages(recipe: Recipe, env: DistEnv, run_dir: Path, stages: list[str] | 
             results = _eval_stage(stage, recipe, env, run_dir)
         if env.is_main:
             _merge_results(results_path, {stage: results})
+    if env.is_main:
+        _plot(run_dir)
     return 0
 
 
+def _plot(run_dir: Path) -> None:
+    """PNG plots of the run; a plotting problem is logged, never fatal to a finished run."""
+    from pipeline.eval.plots import plot_run
+
+    try:
+        for path in plot_run(run_dir):
+            log.info("plot: %s", path)
+    except Exception as e:  # noqa: BLE001 - the figures are in metrics.jsonl either way
+        log.warning("plotting %s failed: %s", run_dir, e)
+
+
+def evaluated_backbone(recipe: Recipe, run_dir: Path) -> nn.Module:
+    """What the evaluation stages measure: `eval.checkpoint` (an export or a checkpoint), else
+    this run's newest committed checkpoint; the teacher for DINO, the encoder for MAE."""
+    from pipeline.eval.export import checkpoint_backbone, load_exported
+
+    source = Path(recipe.eval.checkpoint) if recipe.eval.checkpoint else run_dir
+    if source.suffix in (".safetensors", ".json"):
+        return load_exported(source)
+    return checkpoint_backbone(source, recipe.eval.which)
+
+
+def random_backbone(recipe: Recipe) -> nn.Module:
+    """The same backbone at random initialisation (seeded like pretraining's start)."""
+    torch.manual_seed(recipe.run.seed)
+    return build_backbone(recipe.model.backbone, **recipe.model.overrides)
+
+
 def _eval_stage(stage: str, recipe: Recipe, env: DistEnv, run_dir: Path) -> dict[str, Any]:
-    raise NotImplementedError(f"stage {stage!r} is not available yet")
+    """Run one evaluation stage on the pretrained backbone (and the random-init baseline)."""
+    from pipeline.eval.finetune import finetune_stage
+    from pipeline.eval.knn import knn_stage
+    from pipeline.eval.linear import linear_stage
+
+    init_distributed(env)
+    evaluate = {"knn": knn_stage, "linear": linear_stage, "finetune": finetune_stage}[stage]
+    figures = evaluate(recipe, evaluated_backbone(recipe, run_dir), run_dir)
+    if recipe.eval.random_baseline and stage != "finetune":
+        baseline = evaluate(recipe, random_backbone(recipe), run_dir / "random_init")
+        figures["random_init"] = baseline
+    return figures
 
 
 def _merge_results(path: Path, update: dict[str, Any]) -> None:

@@ -225,16 +225,16 @@ def backbone_state(
 # --------------------------------------------------------------------------- export / load
 
 
-def export_backbone(source: Path, out: Path, which: str | None = None) -> Path:
-    """Write the backbone of `source`'s checkpoint to `out` (`.safetensors`) and `out.json`.
+def checkpoint_weights(
+    source: Path, which: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The backbone weights of `source`'s checkpoint and what they are.
 
     `source`: a run directory (its newest committed checkpoint), its `checkpoints/` folder, or a
     tag directory. `which`: "teacher" or "student"; default teacher for DINO, student for MAE.
-    Returns `out`. Files are written under temporary names and renamed into place.
+    Returns (fp32 state dict for `build_backbone`, config with backbone, kwargs, which, step...).
+    No process group needed: every rank may call it on a shared file system.
     """
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise ExportError(f"output {out} must end in .safetensors")
     tag_dir = resolve_checkpoint(Path(source))
     record = read_commit(tag_dir)
     recipe = run_recipe(tag_dir)
@@ -252,7 +252,6 @@ def export_backbone(source: Path, out: Path, which: str | None = None) -> Path:
         raise ExportError(str(e)) from e
     name, kwargs = recipe.model.backbone, dict(recipe.model.overrides)
     weights = backbone_state(full, name, kwargs, f"the {which} of {tag_dir}")
-
     config = {
         "format": EXPORT_FORMAT,
         "backbone": name,
@@ -265,6 +264,27 @@ def export_backbone(source: Path, out: Path, which: str | None = None) -> Path:
         "world_size": int(record["world_size"]),
         "dtype": "float32",
     }
+    return weights, config
+
+
+def checkpoint_backbone(source: Path, which: str | None = None, **overrides: Any) -> nn.Module:
+    """The backbone of a checkpoint, built and loaded strictly (see `checkpoint_weights`)."""
+    weights, config = checkpoint_weights(source, which)
+    model = build_backbone(config["backbone"], **{**config["kwargs"], **overrides})
+    model.load_state_dict(weights, strict=True)
+    return model
+
+
+def export_backbone(source: Path, out: Path, which: str | None = None) -> Path:
+    """Write the backbone of `source`'s checkpoint to `out` (`.safetensors`) and `out.json`.
+
+    `source` and `which` as in `checkpoint_weights`. Returns `out`. Files are written under
+    temporary names and renamed into place.
+    """
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ExportError(f"output {out} must end in .safetensors")
+    weights, config = checkpoint_weights(source, which)
     out.parent.mkdir(parents=True, exist_ok=True)
     json_path = exported_config_path(out)
     json_tmp = json_path.with_name(f".{json_path.name}.tmp-{os.getpid()}")
@@ -275,7 +295,8 @@ def export_backbone(source: Path, out: Path, which: str | None = None) -> Path:
     shutil.copymode(json_tmp, weights_tmp)
     os.replace(weights_tmp, out)
     os.replace(json_tmp, json_path)
-    log.info("exported the %s backbone of %s (step %d) to %s", which, tag_dir, config["step"], out)
+    log.info("exported the %s backbone of %s (step %d) to %s",
+             config["which"], config["source"], config["step"], out)  # fmt: skip
     return out
 
 

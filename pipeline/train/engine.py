@@ -84,12 +84,13 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]
 
 
 def param_group_table(groups: list[dict[str, Any]]) -> str:
-    """One line per group (name, parameters, weight decay) and the no-decay names, for the log."""
-    lines = [f"{'group':<22}{'tensors':>8}{'params':>14}  weight decay"]
+    """One line per group (name, parameters, weight decay, lr scale) and the no-decay names."""
+    lines = [f"{'group':<22}{'tensors':>8}{'params':>14}  {'weight decay':<14}lr"]
     for g in groups:
         n = sum(getattr(p, "ds_numel", p.numel()) for p in g["params"])
         wd = "schedule" if g["apply_wd"] else "0"
-        lines.append(f"{g['group_name']:<22}{len(g['params']):>8}{n:>14,}  {wd}")
+        lr = "x1, 0 while frozen" if "last_layer" in g["group_name"] else "x1"
+        lines.append(f"{g['group_name']:<22}{len(g['params']):>8}{n:>14,}  {wd:<14}{lr}")
         if not g["apply_wd"]:
             lines.append("    " + ", ".join(g["names"]))
     return "\n".join(lines)

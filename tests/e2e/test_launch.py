@@ -70,12 +70,14 @@ def test_bad_recipe_fails_before_anything_starts(tmp_path, override, named):
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_local_mode_trains_checkpoints_and_refuses_another_recipe(shards, tmp_path, nproc):
     common = [f"data.train.shards={shards}", f"run.dir={tmp_path}", "run.name=r",
-              "stages=[pretrain]", "train.steps=4", "checkpoint.every_steps=2"]  # fmt: skip
+              "stages=[pretrain]", "train.steps=4", "checkpoint.every_steps=2",
+              "log.tensorboard=true"]  # fmt: skip
     out = launch("recipes/debug/dino_tiny.yaml", "--local", "--nproc", str(nproc), *common)
     assert out.returncode == 0, out.stderr[-3000:]
     run_dir = tmp_path / "r"
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").open()]
     assert steps == [1, 2, 3, 4]
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert (run_dir / "checkpoints" / "committed").read_text().strip() == "step-00000004"
     commit = json.loads((run_dir / "checkpoints" / "step-00000004" / "commit.json").read_text())
     assert commit["world_size"] == nproc
