@@ -66,7 +66,7 @@ def _plot(run_dir: Path) -> None:
     try:
         for path in plot_run(run_dir):
             log.info("plot: %s", path)
-    except Exception as e:  # noqa: BLE001 - the figures are in metrics.jsonl either way
+    except Exception as e:  # the figures are in metrics.jsonl either way
         log.warning("plotting %s failed: %s", run_dir, e)
 
 
