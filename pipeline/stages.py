@@ -52,6 +52,8 @@ def run_stages(recipe: Recipe, env: DistEnv, run_dir: Path, stages: list[str] | 
             results: dict[str, Any] = {"pretrain_steps": summary["step"]}
         else:
             results = _eval_stage(stage, recipe, env, run_dir)
+            if results.get("stopped"):  # fine-tuning stopped on a signal, after a checkpoint
+                return REQUEUE_EXIT_CODE
         if env.is_main:
             _merge_results(results_path, {stage: results})
     if env.is_main:
