@@ -17,6 +17,7 @@ Not here: recipe validation and the run directory checks (`tools/launch.py`), th
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -46,7 +47,8 @@ def slurm_parameters(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
         "timeout_min": la.time_min,
         "name": la.job_name or recipe.run.name,
         "slurm_signal_delay_s": 120,  # SIGUSR1 two minutes before the limit: time to save
-        "slurm_additional_parameters": {"requeue": True},
+        # A requeued job keeps its id, so its log files: append instead of truncating them.
+        "slurm_additional_parameters": {"requeue": True, "open_mode": "append"},
     }
     if la.gpus_per_node:
         params["gpus_per_node"] = la.gpus_per_node
@@ -110,6 +112,27 @@ def master_port(job_id: str) -> int:
     return 20000 + int(digits) % 10000
 
 
+def _record_task(run_dir: Path, job: Any, master: str, iface: str | None) -> None:
+    """Where this rank runs, in run_dir/slurm/tasks/rank-N.json (rewritten on a requeue)."""
+    record = {
+        "job_id": job.job_id,
+        "rank": job.global_rank,
+        "local_rank": job.local_rank,
+        "node": job.node,
+        "node_name": os.environ.get("SLURMD_NODENAME"),
+        "restarts": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
+        "netns": os.readlink("/proc/self/ns/net") if os.path.exists("/proc/self/ns/net") else None,
+        "master": master,
+        "interface": iface,
+        "pid": os.getpid(),
+    }
+    path = run_dir / "slurm" / "tasks" / f"rank-{job.global_rank:05d}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record) + "\n")
+    os.replace(tmp, path)
+
+
 @dataclass
 class StageTask:
     """The callable submitit runs on every task of the job."""
@@ -148,8 +171,10 @@ class StageTask:
         log.info("job %s: %d tasks, master %s:%s, interface %s", job.job_id,
                  job.num_tasks, master, os.environ["MASTER_PORT"], iface)  # fmt: skip
         recipe = load_recipe(self.config)
+        run_dir = run_dir_of(recipe)
+        _record_task(run_dir, job, master, iface)
         env = DistEnv(job.global_rank, job.local_rank, job.num_tasks)
-        code = run_stages(recipe, env, run_dir_of(recipe), self.stages)
+        code = run_stages(recipe, env, run_dir, self.stages)
         if code == REQUEUE_EXIT_CODE and job.global_rank == 0:
             log.warning("requeueing job %s to resume from the committed checkpoint", job.job_id)
             subprocess.run(["scontrol", "requeue", str(job.job_id)], check=False)
