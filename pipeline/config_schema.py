@@ -272,6 +272,7 @@ class DinoConfig:
     hidden_dim: int = _f(2048, "hidden width of the head MLP")
     bottleneck_dim: int = _f(256, "width before the weight-normalised last layer")
     norm_last_layer: bool = _f(True, "fix the last layer's weight norm (more stable)")
+    head_bn: bool = _f(False, "BatchNorm (batch statistics) in the head's MLP, DINO's use_bn")
     teacher_temp: float = _f(0.07, "teacher temperature after warm-up")
     warmup_teacher_temp: float = _f(0.04, "teacher temperature at step 0")
     warmup_teacher_temp_epochs: int = _f(30, "epochs of linear teacher-temperature warm-up")

@@ -54,9 +54,11 @@ AllReduce = Callable[[torch.Tensor], torch.Tensor]
 class DINOHead(nn.Module):
     """Projection head: 3-layer MLP to a bottleneck, L2 normalisation, then `out_dim` prototypes.
 
-    The prototypes layer is weight-normalised (`weight = g * v / ||v||`, per output row) and has no
-    bias. With `norm_last_layer` the magnitude `g` is fixed to 1 and not trained, so every logit is
-    a cosine similarity in [-1, 1]; DINO reports this as the more stable choice.
+    `use_bn` (DINO's option) puts BatchNorm after the hidden layers: the head's outputs then vary
+    across samples from the first step, which keeps small models from settling on the uniform
+    output. The prototypes layer is weight-normalised (`weight = g * v / ||v||`, per output row)
+    and has no bias. With `norm_last_layer` the magnitude `g` is fixed to 1 and not trained, so
+    every logit is a cosine similarity in [-1, 1]; DINO reports this as the more stable choice.
     """
 
     def __init__(
@@ -66,12 +68,21 @@ class DINOHead(nn.Module):
         hidden_dim: int = 2048,
         bottleneck_dim: int = 256,
         norm_last_layer: bool = True,
+        use_bn: bool = False,
     ) -> None:
         super().__init__()
+
+        def norm() -> list[nn.Module]:
+            # Batch statistics always (no running averages): the teacher, in eval mode, normalises
+            # like the student, and there are no buffers to keep in step between the two.
+            return [nn.BatchNorm1d(hidden_dim, track_running_stats=False)] if use_bn else []
+
         self.mlp = nn.Sequential(
             nn.Linear(in_dim, hidden_dim),
+            *norm(),
             nn.GELU(),
             nn.Linear(hidden_dim, hidden_dim),
+            *norm(),
             nn.GELU(),
             nn.Linear(hidden_dim, bottleneck_dim),
         )
@@ -231,7 +242,12 @@ class DINO(nn.Module):
             raise ValueError("DINO needs a backbone without a classifier (num_classes=0)")
         self.backbone = backbone
         self.head = DINOHead(
-            backbone.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.norm_last_layer
+            backbone.embed_dim,
+            cfg.out_dim,
+            cfg.hidden_dim,
+            cfg.bottleneck_dim,
+            cfg.norm_last_layer,
+            use_bn=cfg.head_bn,
         )
         self.criterion = DINOLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum)
         self.freeze_last_layer_epochs = cfg.freeze_last_layer_epochs

@@ -363,3 +363,19 @@ def test_short_dino_run_stays_finite_and_uncollapsed():
     assert last["kl_to_uniform"] < first["kl_to_uniform"] - 0.2 * LOG_K
     assert 0.05 * LOG_K < last["teacher_entropy"] < 0.95 * LOG_K
     assert 0.05 * LOG_K < last["kl_to_uniform"] < 0.95 * LOG_K
+
+
+def test_head_batchnorm_uses_batch_statistics_in_every_mode():
+    """head_bn (DINO's use_bn): no running buffers, so the eval-mode teacher normalises exactly
+    like the training student, and the outputs spread across samples from the start."""
+    torch.manual_seed(0)
+    head = DINOHead(32, OUT_DIM, 32, 16, use_bn=True)
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in head.modules())
+    assert not list(head.buffers())
+    x = torch.randn(8, 32) * 0.01 + 1.0  # nearly identical inputs
+    train_out = head.train()(x)
+    eval_out = head.eval()(x)
+    torch.testing.assert_close(train_out, eval_out)
+    torch.manual_seed(0)
+    plain = DINOHead(32, OUT_DIM, 32, 16)
+    assert train_out.std(0).mean() > 3 * plain(x).std(0).mean()
