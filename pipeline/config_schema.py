@@ -54,6 +54,7 @@ def _fraction(prefix: str, obj: object, *names: str) -> None:
 
 _VIT_SIZES = ("tiny", "small", "base", "large", "huge")
 BACKBONE_NAMES: tuple[str, ...] = (
+    "vit_tiny_patch4",  # for small images (the 32-pixel quickstart)
     *(f"vit_{size}_patch{patch}" for size in _VIT_SIZES for patch in (8, 14, 16)),
     *(f"swin_{size}" for size in ("tiny", "small", "base", "large")),
     *(f"twins_svt_{size}" for size in ("small", "base", "large")),
@@ -273,6 +274,7 @@ class DinoConfig:
     bottleneck_dim: int = _f(256, "width before the weight-normalised last layer")
     norm_last_layer: bool = _f(True, "fix the last layer's weight norm (more stable)")
     head_bn: bool = _f(False, "BatchNorm (batch statistics) in the head's MLP, DINO's use_bn")
+    koleo_weight: float = _f(0.0, "KoLeo regulariser on the global views' features (DINOv2)")
     teacher_temp: float = _f(0.07, "teacher temperature after warm-up")
     warmup_teacher_temp: float = _f(0.04, "teacher temperature at step 0")
     warmup_teacher_temp_epochs: int = _f(30, "epochs of linear teacher-temperature warm-up")

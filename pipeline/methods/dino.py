@@ -108,13 +108,17 @@ class DINOHead(nn.Module):
 
 
 def multicrop_embed(
-    backbone: nn.Module, head: nn.Module, views: Sequence[torch.Tensor]
+    backbone: nn.Module,
+    head: nn.Module,
+    views: Sequence[torch.Tensor],
+    pooled_out: list[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """Head outputs per view, with one backbone call per distinct resolution.
 
     Views of equal size (the global crops; the local crops) are concatenated along the batch and run
     together, which is what makes multi-crop affordable; the head then runs once over all of them.
-    Outputs come back in the order of `views`, each (B_view, out_dim).
+    Outputs come back in the order of `views`, each (B_view, out_dim). When `pooled_out` is given,
+    the backbone's pooled features per view are appended to it, in the same order.
     """
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, view in enumerate(views):
@@ -125,7 +129,24 @@ def multicrop_embed(
     out = head(torch.cat(pooled))  # (sum of B_view, out_dim), views in `order`
     chunks = out.split([views[i].shape[0] for i in order])
     by_view: dict[int, torch.Tensor] = dict(zip(order, chunks, strict=True))
+    if pooled_out is not None:
+        feats = torch.cat(pooled).split([views[i].shape[0] for i in order])
+        by_feat = dict(zip(order, feats, strict=True))
+        pooled_out.extend(by_feat[i] for i in range(len(views)))
     return [by_view[i] for i in range(len(views))]
+
+
+def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """KoLeo (DINOv2): -mean log distance of each L2-normalised row to its nearest other row.
+
+    Spreads features uniformly over the sphere; tiny models use it to avoid collapsing.
+    """
+    x = F.normalize(x, dim=-1, eps=eps)  # (B, D)
+    with torch.no_grad():
+        sim = x @ x.T
+        sim.fill_diagonal_(-2.0)  # never pick yourself
+        nearest = sim.argmax(dim=1)
+    return -torch.log((x - x[nearest]).norm(dim=-1) + eps).mean()
 
 
 # Loss ----------------------------------------------------------------------------------------
@@ -250,6 +271,7 @@ class DINO(nn.Module):
             use_bn=cfg.head_bn,
         )
         self.criterion = DINOLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum)
+        self.koleo_weight = cfg.koleo_weight
         self.freeze_last_layer_epochs = cfg.freeze_last_layer_epochs
 
     def embed(self, views: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -262,8 +284,17 @@ class DINO(nn.Module):
         teacher_out: Sequence[torch.Tensor],
         teacher_temp: float,
     ) -> dict[str, object]:
-        """Loss of the student on all views against the teacher's outputs on the global views."""
-        return self.criterion(self.embed(views), teacher_out, teacher_temp)
+        """Loss of the student on all views against the teacher's outputs on the global views,
+        plus `koleo_weight` x KoLeo on the backbone features of each global view."""
+        pooled: list[torch.Tensor] = []
+        out = self.criterion(
+            multicrop_embed(self.backbone, self.head, views, pooled), teacher_out, teacher_temp
+        )
+        if self.koleo_weight > 0:
+            koleo = sum(koleo_loss(p) for p in pooled[:2]) / 2
+            out["loss"] = out["loss"] + self.koleo_weight * koleo
+            out["logs"]["koleo"] = koleo.detach()
+        return out
 
     @torch.no_grad()
     def update_center(

@@ -12,6 +12,7 @@ from pipeline.models.twins import build_twins
 from pipeline.models.vit import build_vit
 
 BACKBONES: dict[str, Callable[..., Backbone]] = {
+    "vit_tiny_patch4": partial(build_vit, "tiny", 4),  # small images (32 px: the quickstart)
     "vit_tiny_patch8": partial(build_vit, "tiny", 8),
     "vit_tiny_patch14": partial(build_vit, "tiny", 14),
     "vit_tiny_patch16": partial(build_vit, "tiny", 16),

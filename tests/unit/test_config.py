@@ -281,7 +281,8 @@ def test_mae_on_swin_with_multiples_of_32_is_valid(tmp_path):
 
 
 def test_backbone_names_and_strides():
-    assert len(BACKBONE_NAMES) == len(set(BACKBONE_NAMES)) == 22
+    assert len(BACKBONE_NAMES) == len(set(BACKBONE_NAMES)) == 23
+    assert input_stride("vit_tiny_patch4") == 4
     assert input_stride("vit_large_patch14") == 14 and input_stride("vit_tiny_patch8") == 8
     assert input_stride("swin_base") == 4 and input_stride("twins_svt_large") == 4
     with pytest.raises(RecipeError, match="did you mean 'swin_tiny'"):
@@ -308,7 +309,7 @@ def test_shipped_recipe_validates_and_round_trips(tmp_path, path):
 def test_all_shipped_recipes_are_found():
     names = {str(p.relative_to(RECIPES)) for p in SHIPPED}
     assert {"dino_vits16.yaml", "mae_vitl16.yaml", "debug/dino_tiny.yaml"} <= names
-    assert len(names) == 10
+    assert len(names) == 11 and "quickstart.yaml" in names
 
 
 def test_hash_tracks_content_but_not_placement(tmp_path):

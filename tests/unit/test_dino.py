@@ -379,3 +379,15 @@ def test_head_batchnorm_uses_batch_statistics_in_every_mode():
     torch.manual_seed(0)
     plain = DINOHead(32, OUT_DIM, 32, 16)
     assert train_out.std(0).mean() > 3 * plain(x).std(0).mean()
+
+
+def test_koleo_rewards_spread_features_and_joins_the_loss():
+    from pipeline.methods.dino import koleo_loss
+
+    torch.manual_seed(0)
+    spread = torch.eye(8)  # orthogonal rows: far apart on the sphere
+    bunched = torch.ones(8, 8) + 0.01 * torch.randn(8, 8)
+    assert koleo_loss(spread) < koleo_loss(bunched)
+    x = torch.randn(6, 4, requires_grad=True)
+    koleo_loss(x).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
