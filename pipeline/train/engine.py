@@ -197,12 +197,13 @@ def pretrain(
     device = env.device
     method = recipe.method.name
     groups = param_groups(student, recipe.optim.weight_decay)
+    table = param_group_table(groups)  # before DeepSpeed swaps the groups' tensors for flat ones
     ds_config = deepspeed_config(recipe)
     engine, optimizer, _, _ = deepspeed.initialize(
         model=student, model_parameters=groups, config=ds_config
     )
     if env.is_main:
-        log.info("parameter groups:\n%s", param_group_table(groups))
+        log.info("parameter groups:\n%s", table)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     ctx = StepContext(
         method=method,
