@@ -3,14 +3,23 @@ batched device-side augmentation per image.
 
     python tools/bench_loader.py --make-photos /tmp/photos --count 300   # test shards from sklearn
     python tools/bench_loader.py /tmp/photos --mode dino --workers 2 --json bench_loader.json
+    python tools/bench_loader.py /tmp/photos --mode dino --workers 2 --repeat 3 --phases
 
 SHARDS is a folder of WebDataset .tar shards (every *.tar in it; a manifest is not needed). The
 images are read into memory first, so the figures are CPU work only, no I/O. N decode-only
 processes and N transform processes (one torch/OpenMP thread each, each over its own share of
 the images) take turns every --chunk images, so N processes run at any time: a decode-only
 process never runs a transform (its allocator and caches are those of a decode-only loader),
-and drifts of the machine's speed hit both alike. images/s per core = images / summed wall
-time of the turns / N; the ratio is also given as the median over chunks.
+and drifts of the machine's speed hit both alike. Decode worker i and transform worker i are
+pinned to the same core (where the OS allows it), as the cores of a shared machine can differ.
+images/s per core = images / summed wall time of the turns / N; the ratio is also given as the
+median over chunks. The "per CPU-s" column counts CPU time instead (images / summed CPU seconds
+of the processes): on a machine shared with other jobs it leaves out the time a process waited
+for a core. "faults" = minor page faults per image in the timed turns (allocator churn, see
+--steady-malloc). --repeat measures again with fresh processes: a process can run in a faster
+or slower state for its whole life (seen here: decode-only at ~650 or ~830 us per image, with
+no page faults either way), so single runs of either role are not to be compared alone.
+--phases adds the mean CPU time of each step of the transform, in this process.
 
 Decode only = `pipeline.data.transforms.decode` (Pillow, full size, RGB). The transform (mae:
 `MaeCrop`, dino: `DinoCrops`, default `CropsConfig`) includes its own decode. The device-side
@@ -29,6 +38,10 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 ONE_THREAD = {
     "OMP_NUM_THREADS": "1",
@@ -37,6 +50,11 @@ ONE_THREAD = {
     "NUMEXPR_NUM_THREADS": "1",
 }
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+# glibc's defaults move the mmap threshold with the sizes it sees and give memory back to the
+# OS when the top of the heap is free: a loop that frees and reallocates ~1 MB per image can
+# then fault in every page of it again (measured here, ~3 us a fault: +0.4 ms per decode and
+# +1.3 ms per DINO multicrop when every image does). Fixed thresholds keep the pages.
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -120,9 +138,16 @@ def _worker(
     transform. Both kinds take turns chunk by chunk (barriers), so a decode-only process never
     runs a transform (its allocator and caches stay those of a decode-only loader) while both
     see the same drifts of the machine's speed."""
+    import resource
+
     import numpy as np
     import torch
 
+    if hasattr(os, "sched_setaffinity"):
+        # Decode worker w and transform worker w share one core: each figure is then measured on
+        # the same core as the one it is compared with (cores of a shared machine differ).
+        cpus = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cpus[worker % len(cpus)]})
     torch.set_num_threads(1)
     from pipeline.config import CropsConfig
     from pipeline.data import transforms
@@ -141,36 +166,35 @@ def _worker(
 
     for data in images:  # warm-up pass: first touches of the data, allocator, caches
         run(data)
-    times = []
+    times = []  # (wall, CPU) seconds per turn
+    faults = 0  # minor page faults in the timed turns: the allocator handing back fresh pages
     for _ in range(rounds):
         for i in range(0, len(images), chunk):
             for turn in ("decode", "transform"):
                 barrier.wait()
                 if turn == role:
-                    start = time.perf_counter()
+                    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                    start, cpu = time.perf_counter(), time.process_time()
                     for data in images[i : i + chunk]:
                         run(data)
-                    times.append(time.perf_counter() - start)
-    results.put((role, worker, times))
+                    times.append((time.perf_counter() - start, time.process_time() - cpu))
+                    faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    results.put((role, times, faults))
 
 
-def bench_cpu(
-    images: list[bytes], mode: str, workers: int, rounds: int, chunk: int
-) -> dict[str, float]:
-    """Per-core images/s of decode and (unless mode is decode) the transform: `workers` decode
-    processes and `workers` transform processes, each over its own share of the images, taking
-    turns so that `workers` processes run at any time."""
+def _run_pairs(
+    images: list[bytes], mode: str, workers: int, plan: tuple[int, int]
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """One measurement with fresh processes: per role, the (workers, turns, wall/CPU) seconds
+    and the minor page faults of its timed turns."""
     import numpy as np
 
-    # Children inherit these before they import torch/numpy: one thread each.
-    os.environ.update(ONE_THREAD)
     ctx = mp.get_context("spawn")  # no fork after torch's thread pools exist
     roles = ["decode"] + ([] if mode == "decode" else ["transform"])
     barrier = ctx.Barrier(workers * len(roles))
     results = ctx.Queue()
     per_worker = len(images) // workers  # equal shares: every process sees as many barriers
     shares = [images[w * per_worker : (w + 1) * per_worker] for w in range(workers)]
-    plan = (rounds, chunk)
     procs = [
         ctx.Process(target=_worker, args=(role, mode, w, share, plan, barrier, results))
         for role in roles
@@ -178,23 +202,103 @@ def bench_cpu(
     ]
     for p in procs:
         p.start()
-    times: dict[str, list[list[float]]] = {role: [] for role in roles}
+    times: dict[str, list] = {role: [] for role in roles}
+    faults = dict.fromkeys(roles, 0)
     for _ in procs:
-        role, _, t = results.get()
+        role, t, f = results.get()
         times[role].append(t)
+        faults[role] += f
     for p in procs:
         p.join()
+    return {role: np.asarray(t) for role, t in times.items()}, faults
+
+
+def bench_cpu(
+    images: list[bytes], mode: str, workers: int, rounds: int, chunk: int, repeat: int = 1
+) -> dict[str, object]:
+    """Per-core images/s of decode and (unless mode is decode) the transform: `workers` decode
+    processes and `workers` transform processes, each over its own share of the images, taking
+    turns so that `workers` processes run at any time; `repeat` times with fresh processes (a
+    process can land in a faster or slower state for its whole life), figures over all."""
+    import numpy as np
+
+    # Children inherit these before they import torch/numpy: one thread each.
+    os.environ.update(ONE_THREAD)
+    per_worker = len(images) // workers
+    runs = [_run_pairs(images, mode, workers, (rounds, chunk)) for _ in range(repeat)]
+    roles = list(runs[0][0])
+    # Turns of all repeats side by side: (workers, turns, wall/CPU).
+    timed = {role: np.concatenate([t[role] for t, _ in runs], axis=1) for role in roles}
     # Wall time of a turn = its slowest process (turns are separated by barriers).
-    per_chunk = {role: np.max(times[role], axis=0) for role in roles}
-    n = per_worker * workers * rounds
-    out = {"images_timed": n, "decode_per_core": n / per_chunk["decode"].sum() / workers}
-    if mode != "decode":
-        out["transform_per_core"] = n / per_chunk["transform"].sum() / workers
+    per_chunk = {role: t[..., 0].max(axis=0) for role, t in timed.items()}
+    # CPU time of a turn = the sum over its processes: core-seconds actually spent. On a machine
+    # shared with other jobs, time spent waiting for a core counts in wall time but not here.
+    cpu_chunk = {role: t[..., 1].sum(axis=0) for role, t in timed.items()}
+    n = per_worker * workers * rounds * repeat
+    out: dict[str, object] = {"images_timed": n, "repeat": repeat}
+    for role, name in (("decode", "decode"), ("transform", "transform")):
+        if role in roles:
+            out[f"{name}_per_core"] = n / per_chunk[role].sum() / workers
+            out[f"{name}_per_cpu_s"] = n / cpu_chunk[role].sum()
+            out[f"{name}_page_faults_per_image"] = sum(f[role] for _, f in runs) / n
+    if "transform" in roles:
         out["ratio"] = out["transform_per_core"] / out["decode_per_core"]
+        out["ratio_cpu"] = out["transform_per_cpu_s"] / out["decode_per_cpu_s"]
         # The machine's speed can drift within seconds; the median of per-chunk ratios (each
         # from back-to-back turns) is the figure least affected by that.
         out["ratio_median_chunk"] = float(np.median(per_chunk["decode"] / per_chunk["transform"]))
+        out["ratio_cpu_median_chunk"] = float(
+            np.median(cpu_chunk["decode"] / cpu_chunk["transform"])
+        )
+        out["ratio_cpu_per_repeat"] = [
+            float(t["decode"][..., 1].sum() / t["transform"][..., 1].sum()) for t, _ in runs
+        ]
     return out
+
+
+def bench_phases(images: list[bytes], mode: str, rounds: int) -> dict[str, float]:
+    """Mean CPU microseconds per image of each step of the mode's CPU transform (one process,
+    one thread): header, crop boxes, decode + pixels (with draft when the boxes allow), crop +
+    resize (flips included), next to decode only and the whole transform."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from pipeline.config import CropsConfig
+    from pipeline.data import transforms as T
+
+    torch.set_num_threads(1)
+    c = CropsConfig()
+    if mode == "dino":
+        make = T.DinoCrops(c)
+        out_hw = [(c.global_size,) * 2] * 2 + [(c.local_size,) * 2] * c.local_number
+        scales = make._scales
+    else:
+        make = T.MaeCrop(c)
+        out_hw, scales = [(c.mae_size,) * 2], [c.mae_scale]
+    log_ratios = [T._ratio_range(c.ratio, hw) for hw in out_hw]
+    rng = np.random.default_rng(0)
+    names = ("header", "boxes", "decode + pixels", "crop + resize", "decode only", "transform")
+    spent = dict.fromkeys(names, 0.0)
+    for counted in [False] + [True] * rounds:  # the first pass only warms up
+        for data in images:
+            t = [time.process_time()]
+            img = Image.open(io.BytesIO(data))
+            t.append(time.process_time())
+            boxes, flips = T.sample_boxes(rng, img.size[::-1], scales, log_ratios, c.hflip)
+            t.append(time.process_time())
+            pixels, boxes = T._decode_for_boxes(img, boxes, out_hw)
+            t.append(time.process_time())
+            T._crop_resize(pixels, boxes, out_hw, flips)
+            t.append(time.process_time())
+            T.decode(data)
+            t.append(time.process_time())
+            make(data, rng)
+            t.append(time.process_time())
+            if counted:
+                for name, start, end in zip(names, t[:-1], t[1:], strict=True):
+                    spent[name] += end - start
+    return {name: t / (rounds * len(images)) * 1e6 for name, t in spent.items()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -263,9 +367,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="read at most K images")
     parser.add_argument("--rounds", type=int, default=3, help="passes over the images")
     parser.add_argument("--chunk", type=int, default=25, help="images per alternating phase")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="measure R times, each with fresh processes"
+    )
+    parser.add_argument(
+        "--steady-malloc",
+        action="store_true",
+        help="fixed glibc malloc thresholds in the worker processes (both roles): no per-image "
+        "page faults from the allocator returning and refetching memory",
+    )
     parser.add_argument("--batch", type=int, default=64, help="device-side batch (samples)")
     parser.add_argument("--device-iters", type=int, default=3, help="timed device-side batches")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument(
+        "--phases", action="store_true", help="also time each step of the transform (one process)"
+    )
     parser.add_argument(
         "--make-photos", type=Path, default=None, metavar="DIR", help="write test photo shards"
     )
@@ -279,8 +395,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     if args.shards is None:
         parser.error("SHARDS is required unless --make-photos is given")
-    if args.workers < 1:
-        parser.error("--workers must be >= 1")
+    if args.workers < 1 or args.repeat < 1:
+        parser.error("--workers and --repeat must be >= 1")
 
     images = read_images(args.shards, args.limit)
     if len(images) < args.workers:
@@ -299,7 +415,12 @@ def main(argv: list[str] | None = None) -> int:
         "mean_size_wh": [round(mean_w, 1), round(mean_h, 1)],
         "mean_bytes": round(sum(map(len, images)) / len(images)),
     }
-    result.update(bench_cpu(images, args.mode, args.workers, args.rounds, args.chunk))
+    if args.steady_malloc:
+        os.environ.update(STEADY_MALLOC)  # read by glibc when each worker process starts
+    result["steady_malloc"] = args.steady_malloc
+    result.update(bench_cpu(images, args.mode, args.workers, args.rounds, args.chunk, args.repeat))
+    if args.phases and args.mode != "decode":
+        result["phases_us"] = bench_phases(images, args.mode, args.rounds)
     if args.mode != "decode":
         result.update(bench_device(images, args.mode, args.batch, args.device_iters))
 
@@ -324,20 +445,33 @@ def print_table(r: dict) -> None:
     w, h = r["mean_size_wh"]
     print(
         f"\nmode {r['mode']}, {r['workers']} worker(s), {r['images']} images "
-        f"(mean {w:.0f}x{h:.0f}, {r['mean_bytes'] / 1024:.0f} KiB), {r['rounds']} round(s)"
+        f"(mean {w:.0f}x{h:.0f}, {r['mean_bytes'] / 1024:.0f} KiB), {r['rounds']} round(s), "
+        f"{r['repeat']} repeat(s){', steady malloc' if r['steady_malloc'] else ''}"
     )
-    print(f"{'':34s}{'images/s per core':>18s}{'us / image':>12s}")
-    rows = [("decode only", r["decode_per_core"])]
+    print(f"{'':34s}{'images/s per core':>18s}{'us / image':>12s}{'per CPU-s':>11s}{'faults':>8s}")
+    rows = [("decode only", "decode")]
     if "transform_per_core" in r:
-        rows.append((f"CPU views ({r['mode']}, incl. decode)", r["transform_per_core"]))
-    for name, rate in rows:
-        print(f"{name:34s}{rate:18.1f}{1e6 / rate:12.0f}")
+        rows.append((f"CPU views ({r['mode']}, incl. decode)", "transform"))
+    for name, key in rows:
+        rate = r[f"{key}_per_core"]
+        print(
+            f"{name:34s}{rate:18.1f}{1e6 / rate:12.0f}{r[f'{key}_per_cpu_s']:11.1f}"
+            f"{r[f'{key}_page_faults_per_image']:8.1f}"
+        )
     if "ratio" in r:
-        print(f"{'ratio views / decode':34s}{r['ratio']:18.3f}")
-        print(f"{'  (median of per-chunk ratios)':34s}{r['ratio_median_chunk']:18.3f}")
+        print(f"{'ratio views / decode':34s}{r['ratio']:18.3f}{'':12s}{r['ratio_cpu']:11.3f}")
+        median, median_cpu = r["ratio_median_chunk"], r["ratio_cpu_median_chunk"]
+        print(f"{'  (median of per-chunk ratios)':34s}{median:18.3f}{'':12s}{median_cpu:11.3f}")
+        if r["repeat"] > 1:
+            each = " ".join(f"{x:.3f}" for x in r["ratio_cpu_per_repeat"])
+            print(f"{'  (per repeat, CPU time)':34s}  {each}")
     if "device_aug_per_s" in r:
         name = f"device aug ({r['device']}, batch {r['batch']})"
         print(f"{name:34s}{r['device_aug_per_s']:18.1f}{r['device_aug_us_per_image']:12.0f}")
+    if "phases_us" in r:
+        print(f"\nsteps of the {r['mode']} transform, one process (CPU us / image)")
+        for name, us in r["phases_us"].items():
+            print(f"  {name:32s}{us:18.0f}")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,11 @@ def jpeg() -> bytes:
 
 
 @pytest.fixture(scope="module")
+def mid_jpeg() -> bytes:
+    return _encode(_photo(320, 240, seed=1))
+
+
+@pytest.fixture(scope="module")
 def big_jpeg() -> bytes:
     return _encode(_photo(1600, 1200))
 
@@ -79,21 +84,57 @@ def test_dino_crops_deterministic_per_seed(jpeg):
     assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
 
 
-def test_crop_matches_reference_resize(jpeg):
-    """The fast path (scratch buffers, vertical pass first, out=) equals cropping the decoded
-    image and calling F.interpolate(antialias=True), up to the intermediate rounding."""
-    pixels = np.asarray(T.decode(jpeg))
-    boxes, out_hw = (
-        [(5, 3, 100, 80), (40, 10, 60, 30), (0, 0, 120, 90)],
-        [(32, 32), (16, 24), (90, 50)],
-    )
-    views = T._crop_resize(pixels, boxes, out_hw, [False, True, False])
-    for (x0, y0, x1, y1), (h, w), flip, view in zip(boxes, out_hw, [0, 1, 0], views, strict=True):
-        crop = torch.from_numpy(pixels[y0:y1, x0:x1].copy()).permute(2, 0, 1)[None].float()
-        ref = torch.nn.functional.interpolate(crop, (h, w), mode="bilinear", antialias=True)
-        ref = ref[0].permute(1, 2, 0).numpy()
-        ref = ref[:, ::-1] if flip else ref
-        assert np.abs(view.astype(np.float32) - ref).max() <= 2.0
+def _reference(pixels: np.ndarray, box: T.Box, hw: tuple[int, int], flip: bool) -> np.ndarray:
+    """Slow reference view: crop, float F.interpolate(antialias=True), mirror if asked."""
+    x0, y0, x1, y1 = box
+    crop = torch.from_numpy(pixels[y0:y1, x0:x1].copy()).permute(2, 0, 1)[None].float()
+    ref = torch.nn.functional.interpolate(crop, hw, mode="bilinear", antialias=True)
+    ref = ref[0].permute(1, 2, 0).numpy()
+    return ref[:, ::-1] if flip else ref
+
+
+def test_crop_matches_reference_resize(mid_jpeg):
+    """The fast path (scratch buffers, separate vertical pass or one call, out=) equals cropping
+    the decoded image and calling F.interpolate(antialias=True), up to intermediate rounding."""
+    pixels = np.asarray(T.decode(mid_jpeg))
+    boxes = [
+        (5, 3, 300, 230),
+        (40, 10, 60, 30),
+        (0, 0, 320, 240),
+        (10, 10, 110, 110),
+        (100, 20, 200, 230),
+    ]
+    out_hw = [(64, 64), (16, 24), (240, 50), (80, 80), (40, 48)]
+    flips = [True, True, False, False, True]
+    # Both code paths are covered: a separate vertical pass (first and last box), and one call
+    # (upscaling, horizontal only, and a slight shrink of both sides).
+    split = [
+        (y1 - y0 - h) * w > T._SPLIT_WORK
+        for (_, y0, _, y1), (h, w) in zip(boxes, out_hw, strict=True)
+    ]
+    assert split == [True, False, False, False, True]
+    views = T._crop_resize(pixels, boxes, out_hw, flips)
+    for box, hw, flip, view in zip(boxes, out_hw, flips, views, strict=True):
+        assert np.abs(view.astype(np.float32) - _reference(pixels, box, hw, flip)).max() <= 2.0
+
+
+def test_dino_views_are_the_sampled_boxes(mid_jpeg, monkeypatch):
+    """End to end: each view is the reference crop + resize of the box that sample_boxes draws
+    from the same seed (in original-image coordinates), mirrored when its flip is drawn."""
+    monkeypatch.setattr(T, "draft_factor", lambda boxes, out_hw: 1)  # full-size decode, as ref
+    crops = CropsConfig(global_size=64, local_size=32, local_number=6)
+    dino = T.DinoCrops(crops)
+    pixels = np.asarray(T.decode(mid_jpeg))
+    out_hw = [(64, 64)] * 2 + [(32, 32)] * 6
+    log_ratios = [T._ratio_range(crops.ratio, hw) for hw in out_hw]
+    for seed in range(4):
+        views = dino(mid_jpeg, np.random.default_rng(seed))
+        boxes, flips = T.sample_boxes(
+            np.random.default_rng(seed), (240, 320), dino._scales, log_ratios, crops.hflip
+        )
+        _check_views(views, out_hw)
+        for box, hw, flip, view in zip(boxes, out_hw, flips, views, strict=True):
+            assert np.abs(view.astype(np.float32) - _reference(pixels, box, hw, flip)).max() <= 2
 
 
 def test_sample_boxes_inside_image_and_fallback():
