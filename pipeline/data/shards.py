@@ -43,6 +43,8 @@ import numpy as np
 import PIL
 from PIL import Image, ImageFile
 
+from pipeline.fileio import write_atomic
+
 MANIFEST_NAME = "manifest.json"
 REJECTED_NAME = "rejected.txt"
 RUN_STATE_NAME = "run.json"  # args + plan fingerprint, written before the first shard
@@ -498,15 +500,6 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _read_sidecar(path: Path) -> str | None:
     """The sha256 in a `sha256sum`-style sidecar, or None when missing or malformed."""
     try:
@@ -579,7 +572,7 @@ def _write_shard(
         if hashing.count != planned:
             raise RuntimeError(f"{tmp}: {hashing.count} bytes written, {planned} planned")
     sha = hashing.sha.hexdigest()
-    _write_atomic(final.with_name(name + ".sha256"), f"{sha}  {name}\n".encode())
+    write_atomic(final.with_name(name + ".sha256"), f"{sha}  {name}\n".encode())
     os.replace(tmp, final)
     return ShardInfo(name=name, samples=len(shard), bytes=hashing.count, sha256=sha)
 
@@ -783,7 +776,7 @@ def write_shards(
             _log(progress, f"{out}: inputs changed since the interrupted run; starting over")
             for p in _our_files(out):
                 p.unlink()
-        _write_atomic(state_path, json.dumps({"args": args, "plan": fingerprint}).encode())
+        write_atomic(state_path, json.dumps({"args": args, "plan": fingerprint}).encode())
 
         infos = _keep_complete_shards(out, plan)
         reused = len(infos)
@@ -807,7 +800,7 @@ def write_shards(
     # rejected.txt lists inputs in source order (sorted), not in the shuffled order.
     reasons = {item.file: scan.reason for item, scan in zip(items, scans, strict=True)}
     rejected = [(item.rel, reasons[item.file]) for item in src.items if reasons[item.file]]
-    _write_atomic(
+    write_atomic(
         out / REJECTED_NAME, "".join(f"{rel}\t{reason}\n" for rel, reason in rejected).encode()
     )
     total_bytes = sum(s.bytes for s in shards)
@@ -822,7 +815,7 @@ def write_shards(
         "args": args,
     }
     # Written last: its presence is what says the folder is finished.
-    _write_atomic(out / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
+    write_atomic(out / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
     return ShardSummary(
         written=len(samples),
         rejected=len(rejected),

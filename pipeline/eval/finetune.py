@@ -46,6 +46,7 @@ from pipeline.data.shards import load_manifest
 from pipeline.data.stream import ShardLoader, resolve_shards
 from pipeline.data.transforms import MaeCrop, collate_views, normalize
 from pipeline.eval.features import make_accelerator, weights_digest
+from pipeline.fileio import write_atomic
 from pipeline.models import build_backbone
 from pipeline.train.metrics import truncate_metrics
 from pipeline.train.preemption import StopFlag
@@ -243,15 +244,6 @@ def _seed(*parts: int) -> int:
 # Checkpoints
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def latest_checkpoint(root: Path) -> Path | None:
     """The committed checkpoint; else the newest complete one (with meta.json); else None."""
     pointer = root / POINTER
@@ -286,11 +278,11 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         record = {**(meta or {}), "step": step, "world_size": accelerator.num_processes}
-        _write_text_atomic(tmp / "meta.json", json.dumps(record))
+        write_atomic(tmp / "meta.json", json.dumps(record))
         if tag.exists():  # the same step written by an earlier, abandoned attempt
             shutil.rmtree(tag)
         os.replace(tmp, tag)
-        _write_text_atomic(root / POINTER, tag.name + "\n")
+        write_atomic(root / POINTER, tag.name + "\n")
         for old in sorted(p for p in root.glob("step-*") if _TAG.match(p.name))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

@@ -45,17 +45,8 @@ CROPS = {  # hierarchical backbones mask on their 32-pixel grid: 64-pixel crops
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("convergence-data")
-    rng = np.random.default_rng(2)
-    for c in range(4):
-        (root / "src" / f"c{c}").mkdir(parents=True)
-        for i in range(32):
-            base = rng.integers(0, 255, (6, 6, 3), dtype=np.uint8)  # smooth, learnable images
-            img = Image.fromarray(base).resize((72, 64), Image.BILINEAR)
-            img.save(root / "src" / f"c{c}" / f"{i}.jpg", quality=90)
-    write_shards(root / "src", root / "shards", shard_size=32, progress=False)
-    return str(root / "shards")
+def shards(image_shards) -> str:
+    return image_shards(per_class=32, size=(72, 64), shard_size=32, seed=2)
 
 
 def _story(rank: int, world_size: int, port: int, runs: list, root: str) -> None:

@@ -73,7 +73,7 @@ def _train(world_size: int, jobs: list, out: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> Path:
+def runs(tmp_path_factory, image_shards) -> Path:
     """Run dirs (2 steps each, each with the student backbone's final weights in REFERENCE).
 
     The student's consolidation paths: the fp32 module copy (dino_z0, dino_swin_z2), zero_to_fp32
@@ -81,16 +81,9 @@ def runs(tmp_path_factory) -> Path:
     optimizer under bf16 ZeRO-1, its partitions joined here by name (mae_z1_bf16, 2 ranks).
     """
     root = tmp_path_factory.mktemp("export")
-    rng = np.random.default_rng(0)
-    for c in range(2):
-        (root / "src" / f"c{c}").mkdir(parents=True)
-        for i in range(16):
-            base = rng.integers(0, 255, (6, 6, 3), dtype=np.uint8)
-            img = Image.fromarray(base).resize((48, 40), Image.BILINEAR)
-            img.save(root / "src" / f"c{c}" / f"{i}.jpg", quality=90)
-    write_shards(root / "src", root / "shards", shard_size=8, progress=False)
+    shards = image_shards(classes=2, shard_size=8)
     common = [
-        f"data.train.shards={root / 'shards'}",
+        f"data.train.shards={shards}",
         "data.workers=0",
         "train.steps=2",
         "train.batch_size=4",

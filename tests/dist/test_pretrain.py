@@ -44,17 +44,8 @@ def run_ranks(world_size: int, recipe: Path, overrides: list[str], run_dir: Path
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("pretrain-data")
-    rng = np.random.default_rng(0)
-    for c in range(4):
-        (root / "src" / f"c{c}").mkdir(parents=True)
-        for i in range(16):
-            base = rng.integers(0, 255, (6, 6, 3), dtype=np.uint8)  # smooth, learnable images
-            img = Image.fromarray(base).resize((48, 40), Image.BILINEAR)
-            img.save(root / "src" / f"c{c}" / f"{i}.jpg", quality=90)
-    write_shards(root / "src", root / "shards", shard_size=10, progress=False)
-    return str(root / "shards")
+def shards(image_shards) -> str:
+    return image_shards()
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

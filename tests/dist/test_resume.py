@@ -29,17 +29,8 @@ TIMEOUT = 240
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("resume-data")
-    rng = np.random.default_rng(1)
-    for c in range(4):
-        (root / "src" / f"c{c}").mkdir(parents=True)
-        for i in range(16):
-            base = rng.integers(0, 255, (6, 6, 3), dtype=np.uint8)
-            img = Image.fromarray(base).resize((48, 40), Image.BILINEAR)
-            img.save(root / "src" / f"c{c}" / f"{i}.jpg", quality=90)
-    write_shards(root / "src", root / "shards", shard_size=10, progress=False)
-    return str(root / "shards")
+def shards(image_shards) -> str:
+    return image_shards(seed=1)
 
 
 def make_run(tmp: Path, name: str, shards: str, overrides: list[str], recipe="dino_tiny") -> Path:

@@ -7,11 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
-
-from pipeline.data.shards import write_shards
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = [sys.executable, str(ROOT / "tools" / "launch.py")]
@@ -25,16 +21,8 @@ def launch(*args: str, cwd: Path = ROOT, timeout: float = 300) -> subprocess.Com
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("launch-data")
-    rng = np.random.default_rng(3)
-    for c in range(2):
-        (root / "src" / f"c{c}").mkdir(parents=True)
-        for i in range(16):
-            img = Image.fromarray(rng.integers(0, 255, (6, 6, 3), dtype=np.uint8))
-            img.resize((40, 40), Image.BILINEAR).save(root / "src" / f"c{c}" / f"{i}.jpg")
-    write_shards(root / "src", root / "shards", shard_size=8, progress=False)
-    return str(root / "shards")
+def shards(image_shards) -> str:
+    return image_shards(classes=2, size=(40, 40), shard_size=8, seed=3)
 
 
 def test_dry_run_prints_the_allocation_and_submits_nothing(tmp_path):
