@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from pipeline.config import Recipe, load_recipe
+from pipeline.fileio import write_atomic
 from pipeline.models import build_backbone
 from pipeline.train.distributed import DistEnv, env_from_environ, finish_and_exit, init_distributed
 from pipeline.train.preemption import REQUEUE_EXIT_CODE
@@ -108,9 +108,7 @@ def _merge_results(path: Path, update: dict[str, Any]) -> None:
     """Fold a stage's figures into results.json (atomically; other stages' figures stay)."""
     results = json.loads(path.read_text()) if path.is_file() else {}
     results.update(update)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(results, indent=2, sort_keys=True) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Recipe
+from pipeline.fileio import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +129,7 @@ def _record_task(run_dir: Path, job: Any, master: str, iface: str | None) -> Non
     }
     path = run_dir / "slurm" / "tasks" / f"rank-{job.global_rank:05d}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(record) + "\n")
 
 
 @dataclass

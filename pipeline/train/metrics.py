@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from pipeline.fileio import write_atomic
+
 log = logging.getLogger(__name__)
 
 
@@ -35,9 +37,7 @@ def truncate_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 class SampleLog:
