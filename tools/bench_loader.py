@@ -35,6 +35,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import queue
 import sys
 import time
 from pathlib import Path
@@ -182,6 +183,23 @@ def _worker(
     results.put((role, times, faults))
 
 
+def _next_result(results, procs: list) -> tuple:
+    """The next worker's result; a worker that died (an import error, a crash in the transform)
+    stops the benchmark with its exit code instead of leaving the others waiting at a barrier."""
+    while True:
+        try:
+            return results.get(timeout=1.0)
+        except queue.Empty:
+            dead = [p for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                for p in procs:
+                    p.terminate()
+                raise SystemExit(
+                    f"bench_loader: worker {dead[0].name} exited with code {dead[0].exitcode}"
+                    " (its traceback is above)"
+                ) from None
+
+
 def _run_pairs(
     images: list[bytes], mode: str, workers: int, plan: tuple[int, int]
 ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
@@ -205,7 +223,7 @@ def _run_pairs(
     times: dict[str, list] = {role: [] for role in roles}
     faults = dict.fromkeys(roles, 0)
     for _ in procs:
-        role, t, f = results.get()
+        role, t, f = _next_result(results, procs)
         times[role].append(t)
         faults[role] += f
     for p in procs:

@@ -103,7 +103,8 @@ class PackCollate:
         self.patch, self.seq_len, self.prefix = patch, seq_len, prefix
 
     def __call__(self, views: list[list[np.ndarray]]) -> PackedBatch:
-        images = [torch.from_numpy(v[0]).permute(2, 0, 1) for v in views]  # (3, H, W) uint8
+        # (3, H, W) uint8 views of the (H, W, 4) RGBX arrays; patchify copies them.
+        images = [torch.from_numpy(v[0][..., :3]).permute(2, 0, 1) for v in views]
         return pack_images(images, self.patch, self.seq_len, self.prefix)
 
 

@@ -214,7 +214,7 @@ def extract_features(
     parts: dict[str, list[torch.Tensor]] = {}
     try:
         for batch in loader:
-            images = batch["views"][0].to(device, non_blocking=True)  # (B, 3, H, W) uint8
+            images = batch["views"][0].to(device, non_blocking=True)  # (B, 4, H, W) uint8 RGBX
             x = normalize([images], mean, std)[0]
             amp = (
                 torch.autocast(device.type, dtype=autocast_dtype)

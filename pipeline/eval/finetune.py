@@ -380,7 +380,7 @@ def train_step(
     labels = batch["label"].to(accelerator.device)
     if bool((labels < 0).any()):
         raise ValueError("fine-tuning needs labels; data.train.shards holds unlabelled images")
-    images = batch["views"][0].to(accelerator.device, non_blocking=True)  # (B, 3, H, W) uint8
+    images = batch["views"][0].to(accelerator.device, non_blocking=True)  # (B, 4, H, W) RGBX
     x = normalize([images], ctx.color.mean, ctx.color.std)[0]
     targets = soft_targets(labels, ctx.num_classes, ft.label_smoothing)
     x, targets = mix_batch(x, targets, rng, mixup=ft.mixup, cutmix=ft.cutmix)

@@ -61,7 +61,7 @@ def test_dino_multicrop_batches(shards):
         assert len(views) == 2 + crops.local_number
         for i, v in enumerate(views):
             side = crops.global_size if i < 2 else crops.local_size
-            assert v.shape == (4, 3, side, side) and v.dtype == torch.uint8
+            assert v.shape == (4, 4, side, side) and v.dtype == torch.uint8  # RGBX
         assert set(b["label"].tolist()) <= {0, 1}
     aug = DeviceAugment(r.data.color)
     out = aug(batches[0]["views"], torch.Generator().manual_seed(0))
@@ -73,7 +73,7 @@ def test_mae_batches(shards):
     r = recipe(shards, "method.name=mae")
     b = next(iter(loader_for(r)))
     size = r.data.crops.mae_size
-    assert len(b["views"]) == 1 and b["views"][0].shape == (4, 3, size, size)
+    assert len(b["views"]) == 1 and b["views"][0].shape == (4, 4, size, size)
     x = normalize(b["views"], r.data.color.mean, r.data.color.std)[0]
     assert x.dtype == torch.float32
 

@@ -60,10 +60,11 @@ def big_jpeg() -> bytes:
 
 
 def _check_views(views: list[np.ndarray], shapes: list[tuple[int, int]]) -> None:
-    assert [v.shape for v in views] == [(h, w, 3) for h, w in shapes]
+    assert [v.shape for v in views] == [(h, w, 4) for h, w in shapes]
     for v in views:
         assert v.dtype == np.uint8
         assert v.flags.c_contiguous
+        assert (v[..., 3] == 255).all()  # Pillow's padding byte, resized: channels line up
 
 
 def test_dino_crops_shapes_default_and_explicit(jpeg):
@@ -85,9 +86,9 @@ def test_dino_crops_deterministic_per_seed(jpeg):
 
 
 def _reference(pixels: np.ndarray, box: T.Box, hw: tuple[int, int], flip: bool) -> np.ndarray:
-    """Slow reference view: crop, float F.interpolate(antialias=True), mirror if asked."""
+    """Slow reference view (RGB): crop, float F.interpolate(antialias=True), mirror if asked."""
     x0, y0, x1, y1 = box
-    crop = torch.from_numpy(pixels[y0:y1, x0:x1].copy()).permute(2, 0, 1)[None].float()
+    crop = torch.from_numpy(pixels[y0:y1, x0:x1, :3].copy()).permute(2, 0, 1)[None].float()
     ref = torch.nn.functional.interpolate(crop, hw, mode="bilinear", antialias=True)
     ref = ref[0].permute(1, 2, 0).numpy()
     return ref[:, ::-1] if flip else ref
@@ -96,7 +97,7 @@ def _reference(pixels: np.ndarray, box: T.Box, hw: tuple[int, int], flip: bool) 
 def test_crop_matches_reference_resize(mid_jpeg):
     """The fast path (scratch buffers, separate vertical pass or one call, out=) equals cropping
     the decoded image and calling F.interpolate(antialias=True), up to intermediate rounding."""
-    pixels = np.asarray(T.decode(mid_jpeg))
+    pixels = T._pixels(T.decode(mid_jpeg))
     boxes = [
         (5, 3, 300, 230),
         (40, 10, 60, 30),
@@ -114,8 +115,10 @@ def test_crop_matches_reference_resize(mid_jpeg):
     ]
     assert split == [True, False, False, False, True]
     views = T._crop_resize(pixels, boxes, out_hw, flips)
+    _check_views(views, out_hw)
     for box, hw, flip, view in zip(boxes, out_hw, flips, views, strict=True):
-        assert np.abs(view.astype(np.float32) - _reference(pixels, box, hw, flip)).max() <= 2.0
+        ref = _reference(pixels, box, hw, flip)
+        assert np.abs(view[..., :3].astype(np.float32) - ref).max() <= 2.0
 
 
 def test_dino_views_are_the_sampled_boxes(mid_jpeg, monkeypatch):
@@ -134,7 +137,8 @@ def test_dino_views_are_the_sampled_boxes(mid_jpeg, monkeypatch):
         )
         _check_views(views, out_hw)
         for box, hw, flip, view in zip(boxes, out_hw, flips, views, strict=True):
-            assert np.abs(view.astype(np.float32) - _reference(pixels, box, hw, flip)).max() <= 2
+            ref = _reference(pixels, box, hw, flip)
+            assert np.abs(view[..., :3].astype(np.float32) - ref).max() <= 2
 
 
 def test_sample_boxes_inside_image_and_fallback():
@@ -187,6 +191,35 @@ def test_draft_path_for_large_jpeg(big_jpeg, monkeypatch):
         assert np.abs(a.astype(int) - b.astype(int)).mean() < 12
 
 
+def test_pixels_are_pillows_memory_and_outlive_close(jpeg):
+    """The decoded image is used where Pillow put it (RGBX, no copy), and stays valid after
+    the image is closed and its memory could be reused."""
+    img = T.decode(jpeg)
+    pixels = T._pixels(img)
+    assert pixels.shape == (90, 120, 4) and (pixels[..., 3] == 255).all()
+    assert np.array_equal(pixels[..., :3], np.asarray(img))
+    img.putpixel((5, 7), (1, 2, 3))  # a write through Pillow shows: the same memory
+    assert tuple(pixels[7, 5, :3]) == (1, 2, 3)
+    kept = pixels.copy()
+    img.close()
+    del img
+    others = [T.decode(jpeg) for _ in range(8)]
+    assert np.array_equal(pixels, kept) and len(others) == 8
+
+
+def test_pixels_copy_where_pillow_cannot_share(jpeg, monkeypatch):
+    # Larger than Pillow's 16 MB block: its rows are not one array, and it is copied.
+    big = Image.new("RGB", (2100, 2100), (10, 20, 30))
+    assert T._shared_pixels(big) is None
+    pixels = T._pixels(big)
+    assert pixels.shape == (2100, 2100, 4) and tuple(pixels[-1, -1]) == (10, 20, 30, 255)
+    # Every view is the same either way.
+    shared = T.DinoCrops(SMALL)(jpeg, np.random.default_rng(5))
+    monkeypatch.setattr(T, "_shared_pixels", lambda img: None)
+    copied = T.DinoCrops(SMALL)(jpeg, np.random.default_rng(5))
+    assert all(np.array_equal(a, b) for a, b in zip(shared, copied, strict=True))
+
+
 def test_draft_factor():
     assert T.draft_factor([(0, 0, 800, 800)], [(100, 100)]) == 8
     assert T.draft_factor([(0, 0, 800, 390)], [(100, 100)]) == 2
@@ -222,10 +255,10 @@ def test_eval_crop_takes_the_centre():
     (view,) = T.EvalCrop(resize=100, crop=80)(_encode(arr, "PNG"))
     _check_views([view], [(80, 80)])
     # Shorter side 100 -> 100 (no scaling), centre 80 x 80 = columns 160..240: red | blue.
-    assert np.array_equal(view[:, :38], np.broadcast_to([255, 0, 0], (80, 38, 3)))
-    assert np.array_equal(view[:, 42:], np.broadcast_to([0, 0, 255], (80, 38, 3)))
+    assert np.array_equal(view[:, :38, :3], np.broadcast_to([255, 0, 0], (80, 38, 3)))
+    assert np.array_equal(view[:, 42:, :3], np.broadcast_to([0, 0, 255], (80, 38, 3)))
     (half,) = T.EvalCrop(resize=50, crop=40)(_encode(arr, "PNG"))  # downscaled by 2
-    assert half.shape == (40, 40, 3) and half[0, 0, 0] == 255 and half[0, -1, 2] == 255
+    assert half.shape == (40, 40, 4) and half[0, 0, 0] == 255 and half[0, -1, 2] == 255
     with pytest.raises(ValueError, match="crop <= resize"):
         T.EvalCrop(resize=10, crop=20)
 
@@ -234,7 +267,7 @@ def test_collate_views(jpeg):
     crops = T.DinoCrops(SMALL)
     samples = [crops(jpeg, np.random.default_rng(i)) for i in range(3)]
     batch = T.collate_views(samples)
-    assert [tuple(b.shape) for b in batch] == [(3, 3, 32, 32)] * 2 + [(3, 3, 16, 16)] * 4
+    assert [tuple(b.shape) for b in batch] == [(3, 4, 32, 32)] * 2 + [(3, 4, 16, 16)] * 4
     assert all(b.dtype == torch.uint8 for b in batch)
     assert torch.equal(batch[2][1], torch.from_numpy(samples[1][2]).permute(2, 0, 1))
     assert T.collate_views([]) == []
@@ -281,6 +314,23 @@ def test_disabled_or_zero_probabilities_is_normalize():
         color.std
     ).view(1, 3, 1, 1)
     assert torch.allclose(expected[0], ref, atol=1e-6)
+
+
+def test_rgbx_views_give_the_rgb_results():
+    """The loader's RGBX batches: the padding channel is dropped, nothing else changes."""
+    views = _views()
+    padded = [torch.cat([v, torch.full_like(v[:, :1], 255)], 1) for v in views]
+    padded = [p.contiguous(memory_format=torch.channels_last) for p in padded]
+    color = ColorConfig()
+    for a, b in zip(
+        T.normalize(views, color.mean, color.std),
+        T.normalize(padded, color.mean, color.std),
+        strict=True,
+    ):
+        assert a.shape == b.shape and torch.equal(a, b)
+    aug = T.DeviceAugment(color)
+    for a, b in zip(aug(views, _gen(3)), aug(padded, _gen(3)), strict=True):
+        assert a.shape == b.shape and torch.equal(a, b)
 
 
 def test_grayscale_all():
