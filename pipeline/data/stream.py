@@ -500,8 +500,8 @@ class _Position:
 class ShardLoader:
     """Batches for one rank, with a resumable position. Iterating runs the rest of one epoch.
 
-    Each batch is a dict: `views` (list of uint8 (B, 4, H, W) RGBX tensors), `label` (B,) with -1 for
-    unlabelled, `id` (B,) global sample ids with -1 for padding repeats.
+    Each batch is a dict: `views` (list of uint8 (B, 4, H, W) RGBX tensors), `label` (B,) with
+    -1 for unlabelled, `id` (B,) global sample ids with -1 for padding repeats.
     """
 
     def __init__(

@@ -121,6 +121,23 @@ def test_crop_matches_reference_resize(mid_jpeg):
         assert np.abs(view[..., :3].astype(np.float32) - ref).max() <= 2.0
 
 
+def test_scratch_buffers_grow_without_stale_views(mid_jpeg, big_jpeg):
+    """The per-thread scratch buffers grow for a larger image; views cached for the old ones are
+    dropped with them, so the same crops give the same views before and after."""
+    small = T._pixels(T.decode(mid_jpeg))
+    boxes, out_hw, flips = (
+        [(10, 5, 250, 200), (30, 30, 130, 90)],
+        [(64, 64), (24, 32)],
+        [True, True],
+    )
+    before = [v.copy() for v in T._crop_resize(small, boxes, out_hw, flips)]
+    large = T._pixels(T.decode(big_jpeg))
+    wide = [(0, 0, 1600, 1200), (100, 50, 1500, 1150)]
+    T._crop_resize(large, wide, [(1100, 1500), (1000, 1300)], [True, True])
+    after = T._crop_resize(small, boxes, out_hw, flips)
+    assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+
+
 def test_dino_views_are_the_sampled_boxes(mid_jpeg, monkeypatch):
     """End to end: each view is the reference crop + resize of the box that sample_boxes draws
     from the same seed (in original-image coordinates), mirrored when its flip is drawn."""
