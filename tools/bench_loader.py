@@ -16,10 +16,15 @@ images/s per core = images / summed wall time of the turns / N; the ratio is als
 median over chunks. The "per CPU-s" column counts CPU time instead (images / summed CPU seconds
 of the processes): on a machine shared with other jobs it leaves out the time a process waited
 for a core. "faults" = minor page faults per image in the timed turns (allocator churn, see
---steady-malloc). --repeat measures again with fresh processes: a process can run in a faster
-or slower state for its whole life (seen here: decode-only at ~650 or ~830 us per image, with
-no page faults either way), so single runs of either role are not to be compared alone.
---phases adds the mean CPU time of each step of the transform, in this process.
+--steady-malloc). --repeat measures again with fresh processes, and each process's CPU us per
+image is printed: a process runs at one of two speeds (seen here: decode-only at ~650 or ~830 us
+per 500x375 image), and keeps it until its heap layout changes. Pillow's JPEG decoder has
+libjpeg-turbo write each row into a row buffer that Pillow callocs, then copies the row into the
+image. Where that buffer is 32-byte aligned, libjpeg-turbo's AVX2 colour conversion writes it
+with non-temporal stores, past the cache, and the copy reads every row back from memory: ~13% of
+the decode time instead of ~1% (perf; buffer addresses checked in gdb). So single runs of either
+role are not to be compared alone. --phases adds the mean CPU time of each step of the
+transform, in this process.
 
 Decode only = `pipeline.data.transforms.decode` (Pillow, full size, RGB). The transform (mae:
 `MaeCrop`, dino: `DinoCrops`, default `CropsConfig`) includes its own decode. The device-side
@@ -271,6 +276,15 @@ def bench_cpu(
         out["ratio_cpu_per_repeat"] = [
             float(t["decode"][..., 1].sum() / t["transform"][..., 1].sum()) for t, _ in runs
         ]
+    # CPU us per image of each process (repeat-major): shows the speed each process ran at.
+    out["cpu_us_per_process"] = {
+        role: [
+            round(float(w[:, 1].sum()) / (per_worker * rounds) * 1e6)
+            for t, _ in runs
+            for w in t[role]
+        ]
+        for role in roles
+    }
     return out
 
 
@@ -483,6 +497,8 @@ def print_table(r: dict) -> None:
         if r["repeat"] > 1:
             each = " ".join(f"{x:.3f}" for x in r["ratio_cpu_per_repeat"])
             print(f"{'  (per repeat, CPU time)':34s}  {each}")
+    for role, us in r.get("cpu_us_per_process", {}).items():
+        print(f"{'  CPU us / image, each ' + role:34s}  {' '.join(map(str, us))}")
     if "device_aug_per_s" in r:
         name = f"device aug ({r['device']}, batch {r['batch']})"
         print(f"{name:34s}{r['device_aug_per_s']:18.1f}{r['device_aug_us_per_image']:12.0f}")
