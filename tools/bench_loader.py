@@ -497,7 +497,7 @@ def print_table(r: dict) -> None:
         if r["repeat"] > 1:
             each = " ".join(f"{x:.3f}" for x in r["ratio_cpu_per_repeat"])
             print(f"{'  (per repeat, CPU time)':34s}  {each}")
-    for role, us in r.get("cpu_us_per_process", {}).items():
+    for role, us in r["cpu_us_per_process"].items():
         print(f"{'  CPU us / image, each ' + role:34s}  {' '.join(map(str, us))}")
     if "device_aug_per_s" in r:
         name = f"device aug ({r['device']}, batch {r['batch']})"
