@@ -13,16 +13,13 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from pipeline.config import load_recipe
-from pipeline.data.shards import write_shards
 from pipeline.eval.export import ExportError, export_backbone, load_exported
 from pipeline.models import build_backbone
 from pipeline.train.distributed import finish_and_exit, free_port, rank_environ

@@ -12,10 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch.multiprocessing as mp
-from PIL import Image
 
 from pipeline.config import load_recipe
-from pipeline.data.shards import write_shards
 from pipeline.train.distributed import finish_and_exit, free_port, rank_environ
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "debug"

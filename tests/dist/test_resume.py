@@ -18,13 +18,12 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from PIL import Image
 
 from pipeline.config import load_recipe, save_recipe
-from pipeline.data.shards import write_shards
 from pipeline.train.preemption import REQUEUE_EXIT_CODE
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "debug"
+HANG_HOOK = Path(__file__).resolve().parent / "hang_before_commit"  # see its sitecustomize.py
 TIMEOUT = 240
 
 
@@ -51,13 +50,13 @@ def make_run(tmp: Path, name: str, shards: str, overrides: list[str], recipe="di
     return run_dir
 
 
-def start(run_dir: Path, nproc: int) -> subprocess.Popen:
+def start(run_dir: Path, nproc: int, env: dict[str, str] | None = None) -> subprocess.Popen:
     code = (
         "import sys, logging; from pathlib import Path; from pipeline.launch.local import "
         "run_local; logging.basicConfig(); "
         f"sys.exit(run_local(Path({str(run_dir / 'config.yaml')!r}), {nproc}))"
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.Popen(
         [sys.executable, "-c", code], env=env, start_new_session=True,
         stdout=open(run_dir.parent / f"{run_dir.name}.log", "a"), stderr=subprocess.STDOUT,
@@ -110,19 +109,29 @@ def sample_ids(run_dir: Path) -> dict[int, list[int]]:
 
 @pytest.mark.slow
 def test_sigkill_mid_save_then_resume_is_bitwise(shards, tmp_path):
-    """A job SIGKILLed while writing step 6's checkpoint: `committed` stays on step 3, and the
-    resumed run logs exactly the uninterrupted run's losses at every step."""
+    """A job SIGKILLed while saving step 6, after every shard is written and before the commit
+    record: `committed` stays on step 3, and the resumed run logs exactly the uninterrupted run's
+    losses at every step. A sitecustomize hook parks rank 0 at that point, so the kill cannot race
+    a save that a tiny model finishes in milliseconds."""
     overrides = ["deepspeed.zero_stage=2", "train.steps=10", "checkpoint.every_steps=3"]
     reference = make_run(tmp_path, "reference", shards, overrides)
     run(reference)
     killed = make_run(tmp_path, "killed", shards, overrides)
 
-    proc = start(killed, 2)
-    tag6 = killed / "checkpoints" / "step-00000006"
-    wait_for(lambda: tag6.exists() or proc.poll() is not None, "the step-6 save to begin")
+    marker = tmp_path / "parked-before-commit"
+    hook = {
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(HANG_HOOK), os.environ.get("PYTHONPATH")])),
+        "HANG_BEFORE_COMMIT": "step-00000006",
+        "HANG_MARKER": str(marker),
+    }
+    proc = start(killed, 2, hook)
+    wait_for(lambda: marker.exists() or proc.poll() is not None, "rank 0 to reach the commit")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (tag6 / "commit.json").exists(), "the kill landed after the save had committed"
+    assert marker.exists(), "the job ended before the step-6 commit: " + _log_tail(killed)
+    tag6 = killed / "checkpoints" / "step-00000006"
+    assert (tag6 / "rank-00000.pt").is_file() and (tag6 / "rank-00001.pt").is_file()
+    assert not (tag6 / "commit.json").exists()
     assert committed(killed) == "step-00000003"
 
     run(killed)
