@@ -25,6 +25,7 @@ from torch import nn
 
 from pipeline.config import Recipe, load_recipe
 from pipeline.fileio import write_atomic
+from pipeline.launch.local import die_with_agent
 from pipeline.models import build_backbone
 from pipeline.train.distributed import DistEnv, env_from_environ, finish_and_exit, init_distributed
 from pipeline.train.preemption import REQUEUE_EXIT_CODE
@@ -113,6 +114,7 @@ def _merge_results(path: Path, update: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line, run the stages on this rank, exit with their status."""
+    die_with_agent()
     p = argparse.ArgumentParser(
         prog="python -m pipeline.stages", description=__doc__.split("\n")[0]
     )

@@ -5,12 +5,20 @@ MASTER_* set, watches them, and stops the others when one fails. On Ctrl-C the t
 SIGINT to every rank; each saves at the next step boundary and exits with `REQUEUE_EXIT_CODE`,
 which we report as a clean stop, not as a failure.
 
+The agent starts each rank in a session of its own, so when the agent itself is killed (kill -9,
+the OOM killer) nothing stops the ranks: they would train on as orphans and write checkpoints
+beside the job that replaces them. `die_with_agent`, called first thing in every rank, asks the
+kernel to SIGKILL the rank when its agent goes, as a crash of the whole node would.
+
 Not here: recipe validation and the run directory (`tools/launch.py` does both first).
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
+import signal
 import sys
 import uuid
 from pathlib import Path
@@ -19,6 +27,23 @@ from pipeline.train.distributed import free_port
 from pipeline.train.preemption import REQUEUE_EXIT_CODE
 
 log = logging.getLogger(__name__)
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_agent() -> None:
+    """In a rank started by torch's elastic agent (ours or `torchrun`, on Linux): be SIGKILLed
+    when the agent dies. Elsewhere (SLURM tasks, single processes) it does nothing."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    agent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d): this rank may outlive its agent",
+                    ctypes.get_errno())  # fmt: skip
+    elif os.getppid() != agent:  # the agent died between the two calls: no signal will come
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def stage_args(config: Path, stages: list[str] | None = None) -> list[str]:

@@ -1,7 +1,8 @@
 """Surviving crashes and preemption, through the real local launcher (torch's elastic agent).
 
 Each run is `python -m pipeline.stages` on 2 gloo ranks, started in its own session so a test
-can SIGKILL the whole job (a node crash) or signal one rank (SLURM's warning signal).
+can SIGKILL the launcher (the ranks, in sessions of their own, must follow it) or signal one rank
+(SLURM's warning signal).
 """
 
 from __future__ import annotations
@@ -109,9 +110,9 @@ def sample_ids(run_dir: Path) -> dict[int, list[int]]:
 
 @pytest.mark.slow
 def test_sigkill_mid_save_then_resume_is_bitwise(shards, tmp_path):
-    """A job SIGKILLed while saving step 6, after every shard is written and before the commit
-    record: `committed` stays on step 3, and the resumed run logs exactly the uninterrupted run's
-    losses at every step. A sitecustomize hook parks rank 0 at that point, so the kill cannot race
+    """A launcher SIGKILLed while saving step 6, after every shard is written and before the
+    commit record: its ranks die with it, `committed` stays on step 3, and the resumed run logs
+    exactly the uninterrupted run's losses at every step. A sitecustomize hook parks rank 0 at that point, so the kill cannot race
     a save that a tiny model finishes in milliseconds."""
     overrides = ["deepspeed.zero_stage=2", "train.steps=10", "checkpoint.every_steps=3"]
     reference = make_run(tmp_path, "reference", shards, overrides)
@@ -126,9 +127,13 @@ def test_sigkill_mid_save_then_resume_is_bitwise(shards, tmp_path):
     }
     proc = start(killed, 2, hook)
     wait_for(lambda: marker.exists() or proc.poll() is not None, "rank 0 to reach the commit")
-    os.killpg(proc.pid, signal.SIGKILL)
+    job = psutil.Process(proc.pid).children(recursive=True)  # ranks and their loader workers
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its agent only
     proc.wait()
     assert marker.exists(), "the job ended before the step-6 commit: " + _log_tail(killed)
+    assert len(job) >= 2
+    _, alive = psutil.wait_procs(job, timeout=30)  # loader workers poll their parent every 5 s
+    assert not alive, f"outlived their agent: {[p.cmdline() for p in alive]}"
     tag6 = killed / "checkpoints" / "step-00000006"
     assert (tag6 / "rank-00000.pt").is_file() and (tag6 / "rank-00001.pt").is_file()
     assert not (tag6 / "commit.json").exists()
