@@ -112,8 +112,8 @@ def sample_ids(run_dir: Path) -> dict[int, list[int]]:
 def test_sigkill_mid_save_then_resume_is_bitwise(shards, tmp_path):
     """A launcher SIGKILLed while saving step 6, after every shard is written and before the
     commit record: its ranks die with it, `committed` stays on step 3, and the resumed run logs
-    exactly the uninterrupted run's losses at every step. A sitecustomize hook parks rank 0 at that point, so the kill cannot race
-    a save that a tiny model finishes in milliseconds."""
+    exactly the uninterrupted run's losses at every step. A sitecustomize hook parks rank 0 at
+    that point, so the kill cannot race a save that a tiny model finishes in milliseconds."""
     overrides = ["deepspeed.zero_stage=2", "train.steps=10", "checkpoint.every_steps=3"]
     reference = make_run(tmp_path, "reference", shards, overrides)
     run(reference)
