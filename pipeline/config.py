@@ -61,6 +61,7 @@ from pipeline.config_schema import (
     input_stride,
     is_hierarchical,
 )
+from pipeline.fileio import write_atomic
 
 __all__ = [
     "BACKBONE_NAMES",
@@ -435,9 +436,7 @@ def save_recipe(recipe: Recipe, path: str | Path) -> None:
     """Write `dump_recipe(recipe)` to `path` atomically (a reader never sees half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dump_recipe(recipe))
-    os.replace(tmp, path)
+    write_atomic(path, dump_recipe(recipe))
 
 
 def recipe_hash(recipe: Recipe, exclude: Sequence[str] = ("launch",)) -> str:

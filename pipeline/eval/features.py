@@ -45,6 +45,7 @@ from torch import nn
 from pipeline.config import Recipe
 from pipeline.data.loader import build_eval_loader
 from pipeline.data.transforms import normalize
+from pipeline.fileio import atomic_file, write_atomic
 from pipeline.train.distributed import env_from_environ, init_distributed
 
 log = logging.getLogger(__name__)
@@ -329,19 +330,9 @@ def cached_features(
     )
     if accelerator.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
-        _save_atomic(feats.state_dict(), data_path)
+        with atomic_file(data_path) as f:
+            torch.save(feats.state_dict(), f)
         meta = {"fingerprint": fingerprint, "samples": len(feats), "shards": shards}
-        tmp = meta_path.with_name(meta_path.name + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, meta_path)  # the json names a complete .pt: written last
+        write_atomic(meta_path, json.dumps(meta, indent=1))  # names a complete .pt: written last
     accelerator.wait_for_everyone()
     return feats
-
-
-def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -32,6 +32,8 @@ import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from pipeline.fileio import atomic_file
+
 log = logging.getLogger(__name__)
 
 # Train panels: (title, keys drawn together, log scale). Order is the reading order.
@@ -135,9 +137,8 @@ class Panel:
 def _save(fig: Figure, path: Path) -> Path:
     FigureCanvasAgg(fig)  # Agg without pyplot: no global backend, no display
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    tmp.replace(path)
+    with atomic_file(path) as f:
+        fig.savefig(f, format="png", dpi=100)
     return path
 
 

@@ -50,6 +50,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipeline.fileio import atomic_file, write_atomic
+
 log = logging.getLogger(__name__)
 
 COMMIT_FILE = "commit.json"
@@ -109,27 +111,14 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = _tmp_name(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync(path.parent)
+    write_atomic(path, data)
+    _fsync(path.parent)  # the rename itself reaches the disk before anyone relies on it
 
 
 def _torch_save_atomic(obj: Any, path: Path) -> None:
-    tmp = _tmp_name(path)
-    with open(tmp, "wb") as f:
+    with atomic_file(path) as f:
         torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _torch_load(path: Path) -> Any:
