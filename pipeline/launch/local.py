@@ -8,7 +8,9 @@ which we report as a clean stop, not as a failure.
 The agent starts each rank in a session of its own, so when the agent itself is killed (kill -9,
 the OOM killer) nothing stops the ranks: they would train on as orphans and write checkpoints
 beside the job that replaces them. `die_with_agent`, called first thing in every rank, asks the
-kernel to SIGKILL the rank when its agent goes, as a crash of the whole node would.
+kernel to SIGKILL the rank when its agent goes, as a crash of the whole node would. A rank
+spends seconds importing before it gets there, so the launcher names its own PID in
+`AGENT_PID_ENV`: a rank whose agent died meanwhile (its parent is no longer that PID) kills itself.
 
 Not here: recipe validation and the run directory (`tools/launch.py` does both first).
 """
@@ -30,19 +32,24 @@ log = logging.getLogger(__name__)
 
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+AGENT_PID_ENV = "PIPELINE_AGENT_PID"  # set by run_local, whose process is the ranks' agent
 
 
 def die_with_agent() -> None:
     """In a rank started by torch's elastic agent (ours or `torchrun`, on Linux): be SIGKILLed
-    when the agent dies. Elsewhere (SLURM tasks, single processes) it does nothing."""
+    when the agent dies. Elsewhere (SLURM tasks, single processes) it does nothing.
+
+    The agent is the PID in `AGENT_PID_ENV` (run_local) or, under a plain `torchrun`, the parent
+    at this call; if the parent is not the agent, the agent has already died and the rank kills
+    itself."""
     if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
         return
-    agent = os.getppid()
+    agent = int(os.environ.get(AGENT_PID_ENV) or os.getppid())
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         log.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d): this rank may outlive its agent",
                     ctypes.get_errno())  # fmt: skip
-    elif os.getppid() != agent:  # the agent died between the two calls: no signal will come
+    elif os.getppid() != agent:  # the agent died before the prctl: no signal will come
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -75,6 +82,8 @@ def run_local(config: Path, nproc: int, stages: list[str] | None = None) -> int:
         monitor_interval=0.5,
         logs_specs=DefaultLogsSpecs(),
     )
+    # The agent runs in this process; the ranks inherit the environment.
+    os.environ[AGENT_PID_ENV] = str(os.getpid())
     try:
         elastic_launch(cfg, sys.executable)(*stage_args(config, stages))
     except ChildFailedError as err:
