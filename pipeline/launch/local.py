@@ -82,7 +82,9 @@ def run_local(config: Path, nproc: int, stages: list[str] | None = None) -> int:
         monitor_interval=0.5,
         logs_specs=DefaultLogsSpecs(),
     )
-    # The agent runs in this process; the ranks inherit the environment.
+    # The agent runs in this process and the ranks inherit its environment. The name holds for
+    # this launch only: a torchrun started later from this process must not inherit a stale PID.
+    previous = os.environ.get(AGENT_PID_ENV)
     os.environ[AGENT_PID_ENV] = str(os.getpid())
     try:
         elastic_launch(cfg, sys.executable)(*stage_args(config, stages))
@@ -95,4 +97,9 @@ def run_local(config: Path, nproc: int, stages: list[str] | None = None) -> int:
     except SignalException as err:
         log.warning("stopped by %s", err.sigval.name)
         return REQUEUE_EXIT_CODE
+    finally:
+        if previous is None:
+            del os.environ[AGENT_PID_ENV]
+        else:
+            os.environ[AGENT_PID_ENV] = previous
     return 0

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from pipeline.launch.local import AGENT_PID_ENV
+from pipeline.launch.local import AGENT_PID_ENV, run_local
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
 
@@ -45,3 +45,12 @@ def test_outside_the_agent_nothing_happens():
     done = _run_rank(**{AGENT_PID_ENV: "1"})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "alive"
+
+
+def test_run_local_names_its_agent_for_that_launch_only(tmp_path, monkeypatch):
+    # One rank that fails at once (no recipe there): afterwards this process's environment must
+    # not name it as an agent, or the ranks of a later torchrun started from here would kill
+    # themselves.
+    monkeypatch.delenv(AGENT_PID_ENV, raising=False)
+    assert run_local(tmp_path / "missing.yaml", 1) != 0
+    assert AGENT_PID_ENV not in os.environ
