@@ -19,8 +19,8 @@ Resampled mode is an endless stream: each worker draws shards with replacement; 
 fresh streams (seeded by the batches already consumed) rather than replaying.
 
 Corrupt samples (undecodable bytes, missing image, truncated tar) are counted, logged with shard
-and key, and skipped; when more than `max_bad_fraction` of an epoch's samples on a rank are bad,
-the loader stops with an error naming the worst shard.
+and key, and skipped; when more than `max_bad_fraction` of an epoch's samples on a rank are bad in
+that epoch, the loader stops with an error naming the worst shard.
 
 Not here: decoding and crops (`transforms.py`), bucketing policy (`buckets.py`), shard writing
 (`shards.py`), and anything collective: per-rank states are gathered by the checkpoint code.
@@ -494,7 +494,8 @@ class _Position:
     excluded: np.ndarray | None = None  # consumed before the current layout was made
     consumed: np.ndarray | None = None  # consumed under the current layout, by this rank
     batches: int = 0  # batches yielded under the current layout
-    stats: Counter = field(default_factory=Counter)
+    stats: Counter = field(default_factory=Counter)  # whole run: samples, padding, bad
+    bad: Counter = field(default_factory=Counter)  # this epoch: bad samples per shard
 
 
 class ShardLoader:
@@ -669,12 +670,16 @@ class ShardLoader:
             stats["bad"] += 1
             stats[f"bad:{shard}"] += 1
             log.warning("skipping bad sample %s in %s: %s", key, shard, reason)
-            if stats["bad"] > self.max_bad_fraction * expected:
-                worst = max((k for k in stats if k.startswith("bad:")), key=stats.get)
+            # The budget is a share of one epoch's samples, so it counts this epoch's bad ones
+            # only (the same few corrupt images come back every epoch).
+            self.pos.bad[shard] += 1
+            bad = sum(self.pos.bad.values())
+            if bad > self.max_bad_fraction * expected:
+                worst, most = self.pos.bad.most_common(1)[0]
                 raise DataError(
-                    f"{stats['bad']} bad samples in epoch {self.pos.epoch} on rank {self.rank} "
+                    f"{bad} bad samples in epoch {self.pos.epoch} on rank {self.rank} "
                     f"exceed data.max_bad_fraction={self.max_bad_fraction} of {expected}; most "
-                    f"in {worst[4:]} ({stats[worst]}), last: {key} in {shard} ({reason})"
+                    f"in {worst} ({most}), last: {key} in {shard} ({reason})"
                 )
         batch.pop("slot", None)
         if batch["views"] is not None:
@@ -707,6 +712,7 @@ class ShardLoader:
             "batches": self.pos.batches,
             "excluded": pack(self.pos.excluded),
             "consumed": pack(self.pos.consumed),
+            "bad": dict(self.pos.bad),  # this epoch's bad samples per shard, so far
         }
 
     def load_state_dict(self, states: dict[str, Any] | Sequence[dict[str, Any]]) -> None:
@@ -740,6 +746,9 @@ class ShardLoader:
             pos.excluded = unpack(mine["excluded"])
             pos.consumed = unpack(mine["consumed"])
             pos.batches = mine["batches"]
+            # Same layout: the same samples are left, so the epoch's budget goes on. (A fresh
+            # layout gets a fresh budget over what is left; older checkpoints lack the count.)
+            pos.bad = Counter(mine.get("bad") or {})
         else:
             parts = [unpack(st[k]) for st in states for k in ("excluded", "consumed")]
             pos.excluded = _union(self.total, parts)

@@ -224,6 +224,48 @@ def test_corrupt_samples_are_counted_and_skipped(tmp_path, caplog):
         list(strict)
 
 
+def _drop_images(path: Path, first_gid: int, n: int, missing: set[int]) -> None:
+    """Rewrite one shard of `write_shards` with the samples in `missing` holding no image."""
+    with wds.TarWriter(str(path), mtime=0) as sink:
+        for gid in range(first_gid, first_gid + n):
+            sample = {"__key__": f"{gid:09d}", "cls": 0}
+            if gid not in missing:
+                sample["jpg"] = f"img-{gid}".encode()
+            sink.write(sample)
+
+
+def test_bad_sample_budget_is_per_epoch(tmp_path):
+    """One corrupt image comes back every epoch: 1 of 50 is within a 3% budget each epoch,
+    although 2 and 3 over the run are not; 2 in one epoch are still refused."""
+    paths = write_shards(tmp_path / "one", manifest=True)
+    _drop_images(paths[0], 0, 7, {2})
+    ld = loader(str(tmp_path / "one"), max_bad_fraction=0.03)  # 1.5 bad samples per epoch
+    for epoch in range(3):
+        assert sorted(ids_of(ld)) == [g for g in range(50) if g != 2], epoch
+    assert ld.epoch == 3 and ld.stats["bad"] == 3
+
+    paths = write_shards(tmp_path / "two", manifest=True)
+    _drop_images(paths[0], 0, 7, {2, 5})
+    with pytest.raises(DataError, match=r"^2 bad samples in epoch 0 on rank 0.*shard-000000"):
+        list(loader(str(tmp_path / "two"), max_bad_fraction=0.03))
+
+
+def test_bad_sample_count_of_the_epoch_survives_a_resume(tmp_path):
+    paths = write_shards(tmp_path / "s", manifest=True)
+    _drop_images(paths[0], 0, 7, {2})
+    ld = loader(str(tmp_path / "s"), workers=1, max_bad_fraction=0.5)
+    it = iter(ld)
+    while not ld.stats.get("bad"):
+        next(it)
+    state = ld.state_dict()
+    assert state["bad"] == {"shard-000000.tar": 1}
+    again = loader(str(tmp_path / "s"), workers=1, max_bad_fraction=0.5)
+    again.load_state_dict(state)
+    assert again.state_dict()["bad"] == {"shard-000000.tar": 1}
+    list(again)  # the epoch ends: the next one starts with a fresh budget
+    assert again.state_dict()["bad"] == {}
+
+
 def test_resampled_mode_is_endless_and_seeded(shards):
     a = loader(shards, mode="resampled", steps_per_epoch=20, workers=1)
     b = loader(shards, mode="resampled", steps_per_epoch=20, workers=1)
