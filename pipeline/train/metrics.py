@@ -32,11 +32,36 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def read_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """The (line, record) pairs of a JSON-lines file of step records, skipping unreadable lines.
+
+    A process killed mid-write, or a full disk, leaves a torn last line; a later append can glue
+    the next record to it. Such a line is dropped with a warning naming the file and line number,
+    so that one lost record does not block every later resume.
+    """
+    records = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            shown = line if len(line) <= 80 else line[:77] + "..."
+            log.warning("%s:%d: dropping an unreadable record (torn write?): %s",
+                        path, number, shown)  # fmt: skip
+            continue
+        records.append((line, record))
+    return records
+
+
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop records past `step` (atomically): a resumed run trains them again."""
+    """Drop records past `step`, and unreadable ones, atomically: a resumed run trains those
+    steps again."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+    kept = [line for line, record in read_records(path) if record["step"] <= step]
     write_atomic(path, "".join(line + "\n" for line in kept))
 
 
