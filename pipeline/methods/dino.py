@@ -239,13 +239,18 @@ class DINOLoss(nn.Module):
         """centre <- m * centre + (1 - m) * mean teacher output over all global crops and ranks.
 
         `all_reduce` sums a tensor over the data-parallel ranks and returns the result (the caller
-        wraps `torch.distributed.all_reduce`); every rank must pass the same number of samples.
+        wraps `torch.distributed.all_reduce`). Ranks may hold different numbers of samples
+        (bucketed batches): the sample count is summed in the same collective as the outputs, so
+        every rank divides by the true total and keeps the same centre. `world_size` is kept for
+        the callers' signature; the reduced count makes it redundant.
         """
-        batch_sum = torch.cat(list(teacher_out)).float().sum(0, keepdim=True)  # (1, out_dim)
-        samples = sum(t.shape[0] for t in teacher_out) * world_size
+        outputs = torch.cat(list(teacher_out)).float()
+        # One collective for both: the sum of outputs and, in an extra column, the sample count.
+        count = outputs.new_full((1, 1), float(outputs.shape[0]))
+        reduced = torch.cat([outputs.sum(0, keepdim=True), count], dim=1)  # (1, out_dim + 1)
         if all_reduce is not None:
-            batch_sum = all_reduce(batch_sum)
-        batch_center = batch_sum / samples
+            reduced = all_reduce(reduced)
+        batch_center = reduced[:, :-1] / reduced[:, -1:].clamp_min(1.0)
         m = self.center_momentum
         self.center.mul_(m).add_(batch_center.to(self.center.dtype), alpha=1.0 - m)
 
