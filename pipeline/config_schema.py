@@ -40,6 +40,21 @@ def _at_least(prefix: str, obj: object, minimum: float, *names: str) -> None:
             _check(v is None or v >= minimum, f"{prefix}.{name}={value} must be >= {minimum}.")
 
 
+def _plain_text(prefix: str, obj: object, *names: str) -> None:
+    """Every named string (or list of strings) holds no control character: these values end up
+    in a generated batch script or on a command line, where a newline starts a new command."""
+    for name in names:
+        value = getattr(obj, name)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            bad = [c for c in v or "" if ord(c) < 32 or ord(c) == 127]
+            if bad:
+                raise RecipeError(
+                    f"{prefix}.{name}={v!r} holds the control character {bad[0]!r}, which would "
+                    f"break the generated job script (a newline starts a new command); use plain "
+                    f"text."
+                )
+
+
 def _fraction(prefix: str, obj: object, *names: str) -> None:
     """Every named field (a probability or a list of them) must lie in [0, 1]."""
     for name in names:
@@ -110,6 +125,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         ok = bool(self.name) and "/" not in self.name and self.name not in (".", "..")
         _check(ok, f"run.name={self.name!r} must be a plain folder name (non-empty, no '/').")
+        _plain_text("run", self, "name", "dir")  # both name the job's log paths
 
 
 @dataclass(kw_only=True)
@@ -232,6 +248,14 @@ class ModelConfig:
     overrides: dict[str, Scalar | list[Scalar]] = _f(
         {}, "extra constructor arguments, e.g. {depth: 4, embed_dim: 64} for test models"
     )
+    init_from: str | None = _f(
+        None,
+        "start from these weights: an export (.safetensors, backbone or whole method) or a run "
+        "directory / checkpoint tag; every missing or unexpected key is an error",
+    )
+    init_from_ignore: list[str] = _f(
+        [], "key patterns (fnmatch, e.g. 'student.decoder.*') that init_from may leave out or drop"
+    )
 
     def __post_init__(self) -> None:
         _check(self.backbone in BACKBONE_NAMES, _unknown_backbone(self.backbone))
@@ -340,6 +364,13 @@ class TrainConfig:
             "set the other to null (e.g. train.epochs=null).",
         )
         _at_least("train", self, 1, "epochs", "steps", "batch_size", "grad_accum")
+        # A skipped micro-step never reaches DeepSpeed's backward, whose micro-step count decides
+        # where optimizer steps fall: with accumulation the boundaries would drift between ranks.
+        _check(
+            self.nan_policy == "stop" or self.grad_accum == 1,
+            f"train.nan_policy=skip needs train.grad_accum=1 (got {self.grad_accum}): a skipped "
+            "micro-step would shift DeepSpeed's accumulation boundaries; use nan_policy=stop.",
+        )
 
 
 @dataclass(kw_only=True)
@@ -348,6 +379,11 @@ class CheckpointConfig:
 
     every_steps: int = _f(1000, "save every N optimizer steps (and on preemption)")
     keep: int = _f(2, "checkpoints kept; older ones are deleted")
+    verify: Literal["content", "size"] = _f(
+        "content",
+        "what a resume checks before loading: every file's SHA-256 (content) or only its size "
+        "(size: for runs too large to re-read at every resume)",
+    )
 
     def __post_init__(self) -> None:
         _at_least("checkpoint", self, 1, "every_steps", "keep")
@@ -469,6 +505,8 @@ class LaunchConfig:
     def __post_init__(self) -> None:
         _at_least("launch", self, 1, "nodes", "cpus_per_task", "time_min", "nproc")
         _at_least("launch", self, 0, "gpus_per_node", "mem_gb")
+        _plain_text("launch", self, "partition", "account", "qos", "constraint", "job_name",
+                    "sbatch_args")  # fmt: skip
 
 
 @dataclass(kw_only=True)

@@ -80,7 +80,7 @@ def evaluated_backbone(recipe: Recipe, run_dir: Path) -> nn.Module:
 
     source = Path(recipe.eval.checkpoint) if recipe.eval.checkpoint else run_dir
     if source.suffix in (".safetensors", ".json"):
-        return load_exported(source)
+        return load_exported(source, recipe.eval.which)
     return checkpoint_backbone(source, recipe.eval.which)
 
 

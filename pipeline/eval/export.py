@@ -1,29 +1,19 @@
-"""Export a pretrained backbone: one consolidated safetensors file + a JSON config to rebuild it.
+"""Export pretrained weights: one consolidated safetensors file + a JSON config beside it.
 
-`export_backbone(source, out)` reads a committed checkpoint (a run directory's newest, or a given
-tag directory), takes the teacher's or the student's backbone, and writes
-- `out` (`*.safetensors`): the backbone's full fp32 state dict under its own names (`backbone.`
-  stripped), which for ViT and Swin are timm's names, with the config in the file's metadata;
-- `out.with_suffix(".json")`: `{"backbone", "kwargs", "which", "method", "step", "source", ...}`,
-  so that `build_backbone(backbone, **kwargs)` rebuilds the module; `load_exported` does that and
-  loads the weights strictly.
-
-Where the weights come from (DeepSpeed 0.19.8, as this engine configures it):
-- teacher (DINO's default): `shared-{teacher}.pt`, the full fp32 teacher state dict that the engine
-  writes in every ZeRO stage;
-- student (MAE's default; DINO's with `which="student"`): the fp32 weights, consolidated from
-  DeepSpeed's files. ZeRO 0-2 under fp32: the module copy in `mp_rank_00_model_states.pt` (it *is*
-  the master copy). ZeRO-3, or ZeRO-1/2 under bf16/fp16: the fp32 master partitions of the
-  optimizer files (the module copy is empty under ZeRO-3 and rounded under bf16/fp16), through
-  `deepspeed.utils.zero_to_fp32`; DeepSpeed's BF16 optimizer (ZeRO-1 + bf16 + fp32 gradient
-  accumulation) writes files that tool refuses, so those partitions are joined here from the
-  optimizer's own name -> slice table.
-
-Only the backbone is exported: exactly the tensors `build_backbone(name, **kwargs)` has (names and
-shapes checked), so heads, decoders and the DINO centre are left out, and a backbone's own mask
-token (Swin, Twins: part of the module) is kept. Training-only constructor knobs
-(`model.drop_path_rate`, `model.grad_checkpointing`) are not in `kwargs`; pass them to
-`load_exported` when fine-tuning.
+Two kinds of export, from a committed checkpoint (a run directory's newest, or a given tag
+directory), which is verified first (content digests, restricted unpickler):
+- `export_backbone(source, out, which)`: the teacher's or the student's backbone alone, under its
+  own names (`backbone.` stripped; for ViT and Swin these are timm's names): exactly the tensors
+  `build_backbone(name, **kwargs)` has, names and shapes checked (a backbone's own mask token, as
+  in Swin and Twins, is kept). `load_exported` rebuilds and loads it strictly.
+- `export_method(source, out)`: the whole method, to continue pretraining or fine-tune from it
+  (`model.init_from`): the student under `student.` (backbone plus the DINO head and centre, or
+  the MAE decoder) and DINO's teacher under `teacher.`.
+Both write `out` (`*.safetensors`, fp32, the config also in its metadata) and `out.json`:
+`{"contents", "backbone", "kwargs", "which", "method", "step", "source", ...}`. Training-only
+constructor knobs (`model.drop_path_rate`, `model.grad_checkpointing`) are not in `kwargs`; pass
+them to `load_exported` when fine-tuning. How the fp32 weights are read out of DeepSpeed's files
+is `pipeline.train.weights`'s business.
 
 Deliberately not here: any process group (export is one plain process on CPU, runnable on a login
 node), conversion to other libraries' module classes, and evaluation of the weights.
@@ -31,29 +21,29 @@ node), conversion to other libraries' module classes, and evaluation of the weig
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from pipeline.config import Recipe, load_recipe
 from pipeline.models import build_backbone
-from pipeline.train.checkpoint import (
-    COMMIT_FILE,
-    CheckpointError,
-    CheckpointManager,
-    read_commit,
-    validate,
+from pipeline.train.checkpoint import CheckpointError, read_commit
+from pipeline.train.weights import (
+    STUDENT,
+    TEACHER,
+    WeightsError,
+    checkpoint_method_state,
+    read_export,
+    resolve_checkpoint,
+    run_recipe,
+    student_state,
+    teacher_state,
 )
 
 log = logging.getLogger(__name__)
@@ -61,141 +51,20 @@ log = logging.getLogger(__name__)
 EXPORT_FORMAT = 1
 PREFIX = "backbone."
 WHICH = ("teacher", "student")
-_MODEL_STATES = "mp_rank_00_model_states.pt"  # ZeRO 0-2: the full module copy
-_BF16_OPTIM_RE = re.compile(r"^bf16_zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
+CONTENTS = ("backbone", "method")
 
-
-class ExportError(RuntimeError):
-    """A checkpoint cannot be exported as asked (the message names the path and what to change)."""
-
-
-# --------------------------------------------------------------------------- finding the source
-
-
-def resolve_checkpoint(source: Path) -> Path:
-    """The committed tag directory that `source` means: a tag directory itself, or the newest
-    committed tag under a run directory (`source/checkpoints`) or a checkpoints root. Our
-    `committed` pointer decides, never DeepSpeed's `latest`."""
-    source = Path(source)
-    if not source.exists():
-        raise ExportError(f"{source} does not exist")
-    if (source / COMMIT_FILE).is_file() or source.name.startswith("step-"):
-        problem = validate(source)
-        if problem is not None:
-            raise ExportError(f"{source} is not a complete, committed checkpoint: {problem}")
-        return source
-    root = source / "checkpoints" if (source / "checkpoints").is_dir() else source
-    tag = CheckpointManager(root, rank=0, world_size=1).latest()
-    if tag is None:
-        raise ExportError(
-            f"no committed checkpoint under {root} (a run saves one every checkpoint.every_steps "
-            f"steps; pass a run directory, its checkpoints/ folder or a step-XXXXXXXX tag)"
-        )
-    return tag
-
-
-def run_recipe(tag_dir: Path) -> Recipe:
-    """The resolved recipe of the run a tag belongs to (`<run dir>/config.yaml`)."""
-    path = Path(tag_dir).parent.parent / "config.yaml"
-    if not path.is_file():
-        raise ExportError(
-            f"{path} not found: export reads the run's resolved recipe to know the backbone of "
-            f"{tag_dir} (tags live in <run dir>/checkpoints/)"
-        )
-    return load_recipe(path)
+# A checkpoint or export that cannot be read as asked (the message names the path and the fix).
+ExportError = WeightsError
 
 
 # --------------------------------------------------------------------------- reading weights
-
-
-def _torch_load(path: Path) -> Any:
-    # DeepSpeed's files pickle its own objects (config, fragment addresses): not weights-only.
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-
-
-def teacher_state(tag_dir: Path, record: dict) -> dict[str, torch.Tensor]:
-    """The full fp32 DINO teacher state dict of a tag (`shared-teacher.pt`)."""
-    if "teacher" not in record.get("shared", []):
-        raise ExportError(
-            f"{tag_dir} holds no teacher (its {COMMIT_FILE} lists shared state "
-            f"{record.get('shared', [])}); only DINO runs have one: export the student"
-        )
-    return torch.load(tag_dir / "shared-teacher.pt", map_location="cpu", weights_only=True)
-
-
-def student_state(tag_dir: Path, record: dict) -> dict[str, torch.Tensor]:
-    """The student's full fp32 state dict, consolidated from DeepSpeed's files (see above)."""
-    stage = int(record["zero_stage"])
-    if stage < 3:
-        module = _torch_load(tag_dir / _MODEL_STATES)["module"]
-        if all(t.dtype == torch.float32 for t in module.values() if t.is_floating_point()):
-            return dict(module)  # fp32: the module copy is the master copy, whole
-    bf16_files = sorted(
-        (int(m.group(1)), p) for p in tag_dir.iterdir() if (m := _BF16_OPTIM_RE.match(p.name))
-    )
-    if stage < 3 and bf16_files:
-        return _merge_bf16_partitions(tag_dir, [p for _, p in bf16_files], record)
-    return _zero_to_fp32(tag_dir)
-
-
-def _zero_to_fp32(tag_dir: Path) -> dict[str, torch.Tensor]:
-    """DeepSpeed's own consolidation of ZeRO-1/2/3 fp32 master partitions."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    # Given a tag, it reads that directory directly (only tag=None makes it read `latest`).
-    chatter = io.StringIO()  # it prints progress and a tqdm bar; keep them for the debug log
-    try:
-        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
-            state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    except (ValueError, FileNotFoundError) as e:
-        raise ExportError(f"DeepSpeed cannot consolidate the fp32 weights of {tag_dir}: {e}") from e
-    log.debug("zero_to_fp32 on %s:\n%s", tag_dir, chatter.getvalue())
-    return state
-
-
-def _merge_bf16_partitions(
-    tag_dir: Path, files: list[Path], record: dict
-) -> dict[str, torch.Tensor]:
-    """Join the fp32 master partitions of DeepSpeed's BF16 optimizer, one file per rank.
-
-    Each rank's file holds, per parameter group, its flat fp32 partition and a table name ->
-    (start, numel) of the parameter fragments inside it; a parameter split across ranks is the
-    concatenation of its fragments in rank order. Frozen parameters and buffers are not in the
-    optimizer: they come from the module copy (upcast, as `zero_to_fp32` does).
-    """
-    if len(files) != record["world_size"]:
-        raise ExportError(
-            f"{tag_dir} has {len(files)} BF16 optimizer files for world size {record['world_size']}"
-        )
-    model = _torch_load(tag_dir / _MODEL_STATES)
-    shapes = {name: shape for group in model["param_shapes"] for name, shape in group.items()}
-    pieces: dict[str, list[torch.Tensor]] = {name: [] for name in shapes}
-    for path in files:  # rank order
-        optim = _torch_load(path)["optimizer_state_dict"]
-        flats, tables = optim["single_partition_of_fp32_groups"], optim["param_slice_mappings"]
-        for flat, table in zip(flats, tables, strict=True):
-            for name, address in table.items():
-                pieces[name].append(flat.narrow(0, address.start, address.numel))
-    state: dict[str, torch.Tensor] = {}
-    for name, shape in shapes.items():
-        flat = torch.cat(pieces[name]) if pieces[name] else torch.empty(0)
-        if flat.numel() != shape.numel():
-            raise ExportError(
-                f"{tag_dir}: fp32 fragments of {name} hold {flat.numel()} values, not "
-                f"{shape.numel()} (missing or mixed optimizer files?)"
-            )
-        state[name] = flat.view(shape)
-    for name, tensor in model["module"].items():
-        if name not in state:  # buffers and frozen parameters
-            state[name] = tensor.float() if tensor.is_floating_point() else tensor
-    return state
 
 
 def backbone_state(
     state: dict[str, torch.Tensor], name: str, kwargs: dict[str, Any], where: str
 ) -> dict[str, torch.Tensor]:
     """The `backbone.*` entries of a method's state dict, prefix stripped, checked against the
-    names and shapes of `build_backbone(name, **kwargs)`; fp32, contiguous, unshared copies."""
+    names and shapes of `build_backbone(name, **kwargs)`; fp32."""
     with torch.device("meta"):  # names and shapes only, no memory, no init
         reference = build_backbone(name, **kwargs).state_dict()
     found = {k.removeprefix(PREFIX): v for k, v in state.items() if k.startswith(PREFIX)}
@@ -214,15 +83,36 @@ def backbone_state(
                 f"{where}: {PREFIX}{key} has shape {tuple(tensor.shape)}, "
                 f"build_backbone({name!r}) makes {tuple(ref.shape)}"
             )
-        if tensor.is_floating_point():
-            tensor = tensor.float()
-        # safetensors refuses tensors that share storage (zero_to_fp32 returns views of one
-        # flat buffer): every tensor gets its own.
-        out[key] = tensor.detach().contiguous().clone()
+        out[key] = (tensor.float() if tensor.is_floating_point() else tensor).detach()
     return out
 
 
 # --------------------------------------------------------------------------- export / load
+
+
+def _describe(tag_dir: Path, record: dict, recipe: Any, contents: str, which: str | None) -> dict:
+    return {
+        "format": EXPORT_FORMAT,
+        "contents": contents,
+        "backbone": recipe.model.backbone,
+        "kwargs": dict(recipe.model.overrides),
+        "which": which,
+        "method": recipe.method.name,
+        "step": int(record["step"]),
+        "source": str(tag_dir.resolve()),
+        "zero_stage": int(record["zero_stage"]),
+        "world_size": int(record["world_size"]),
+        "dtype": "float32",
+    }
+
+
+def _default_which(method: str, which: str | None, where: Any) -> str:
+    which = which or ("teacher" if method == "dino" else "student")
+    if which not in WHICH:
+        raise ExportError(f"which={which!r}: choose one of {', '.join(WHICH)}")
+    if which == "teacher" and method != "dino":
+        raise ExportError(f"{where} is a {method} run, without a teacher: use the student")
+    return which
 
 
 def checkpoint_weights(
@@ -231,20 +121,15 @@ def checkpoint_weights(
     """The backbone weights of `source`'s checkpoint and what they are.
 
     `source`: a run directory (its newest committed checkpoint), its `checkpoints/` folder, or a
-    tag directory. `which`: "teacher" or "student"; default teacher for DINO, student for MAE.
-    Returns (fp32 state dict for `build_backbone`, config with backbone, kwargs, which, step...).
-    No process group needed: every rank may call it on a shared file system.
+    tag directory; verified before it is read (digests, restricted unpickler). `which`:
+    "teacher" or "student"; default teacher for DINO, student for MAE. Returns (fp32 state dict
+    for `build_backbone`, config with backbone, kwargs, which, step...). No process group
+    needed: every rank may call it on a shared file system.
     """
     tag_dir = resolve_checkpoint(Path(source))
     record = read_commit(tag_dir)
     recipe = run_recipe(tag_dir)
-    method = recipe.method.name
-    which = which or ("teacher" if method == "dino" else "student")
-    if which not in WHICH:
-        raise ExportError(f"which={which!r}: choose one of {', '.join(WHICH)}")
-    if which == "teacher" and method != "dino":
-        raise ExportError(f"{tag_dir} is a {method} run, without a teacher: export the student")
-
+    which = _default_which(recipe.method.name, which, tag_dir)
     read = teacher_state if which == "teacher" else student_state
     try:
         full = read(tag_dir, record)
@@ -252,19 +137,7 @@ def checkpoint_weights(
         raise ExportError(str(e)) from e
     name, kwargs = recipe.model.backbone, dict(recipe.model.overrides)
     weights = backbone_state(full, name, kwargs, f"the {which} of {tag_dir}")
-    config = {
-        "format": EXPORT_FORMAT,
-        "backbone": name,
-        "kwargs": kwargs,
-        "which": which,
-        "method": method,
-        "step": int(record["step"]),
-        "source": str(tag_dir.resolve()),
-        "zero_stage": int(record["zero_stage"]),
-        "world_size": int(record["world_size"]),
-        "dtype": "float32",
-    }
-    return weights, config
+    return weights, _describe(tag_dir, record, recipe, "backbone", which)
 
 
 def checkpoint_backbone(source: Path, which: str | None = None, **overrides: Any) -> nn.Module:
@@ -275,29 +148,70 @@ def checkpoint_backbone(source: Path, which: str | None = None, **overrides: Any
     return model
 
 
-def export_backbone(source: Path, out: Path, which: str | None = None) -> Path:
-    """Write the backbone of `source`'s checkpoint to `out` (`.safetensors`) and `out.json`.
-
-    `source` and `which` as in `checkpoint_weights`. Returns `out`. Files are written under
-    temporary names and renamed into place.
-    """
+def _output(out: Path) -> Path:
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ExportError(f"output {out} must end in .safetensors")
-    weights, config = checkpoint_weights(source, which)
+    return out
+
+
+def _write_export(weights: dict[str, torch.Tensor], config: dict[str, Any], out: Path) -> Path:
+    """`out` (.safetensors, config in its metadata) and `out.json`, each through a temporary
+    name renamed into place."""
+    out = _output(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     json_path = exported_config_path(out)
     json_tmp = json_path.with_name(f".{json_path.name}.tmp-{os.getpid()}")
     weights_tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     json_tmp.write_text(json.dumps(config, indent=1) + "\n")
+    # safetensors refuses tensors that share storage (zero_to_fp32 returns views of one flat
+    # buffer): every tensor gets its own.
+    weights = {k: v.detach().contiguous().clone() for k, v in weights.items()}
     save_file(weights, str(weights_tmp), metadata={"format": "pt", "config": json.dumps(config)})
     # safetensors creates its file owner-only (0600); give it the mode of an ordinary new file.
     shutil.copymode(json_tmp, weights_tmp)
     os.replace(weights_tmp, out)
     os.replace(json_tmp, json_path)
+    return out
+
+
+def export_backbone(source: Path, out: Path, which: str | None = None) -> Path:
+    """Write the backbone of `source`'s checkpoint to `out` (`.safetensors`) and `out.json`.
+
+    `source` and `which` as in `checkpoint_weights`. Returns `out`."""
+    _output(out)  # before any long read
+    weights, config = checkpoint_weights(source, which)
+    _write_export(weights, config, out)
     log.info("exported the %s backbone of %s (step %d) to %s",
              config["which"], config["source"], config["step"], out)  # fmt: skip
-    return out
+    return Path(out)
+
+
+def export_method(source: Path, out: Path) -> Path:
+    """Write the whole method of `source`'s checkpoint to `out` (`.safetensors`) and `out.json`:
+    the student under `student.` (backbone, DINO head and centre, or MAE encoder and decoder)
+    and DINO's teacher under `teacher.`, fp32. `model.init_from: out` continues from it."""
+    _output(out)  # before any long read
+    tag_dir = resolve_checkpoint(Path(source))
+    record = read_commit(tag_dir)
+    recipe = run_recipe(tag_dir)
+    weights = checkpoint_method_state(tag_dir)
+    config = _describe(tag_dir, record, recipe, "method", None)
+    _write_export(weights, config, out)
+    log.info("exported the whole %s method of %s (step %d, %d tensors) to %s",
+             config["method"], config["source"], config["step"], len(weights), out)  # fmt: skip
+    return Path(out)
+
+
+def export(source: Path, out: Path, contents: str = "backbone", which: str | None = None) -> Path:
+    """`export_backbone` or `export_method`, as `contents` says."""
+    if contents not in CONTENTS:
+        raise ExportError(f"contents={contents!r}: choose one of {', '.join(CONTENTS)}")
+    if contents == "method":
+        if which is not None:
+            raise ExportError("a whole-method export holds student and teacher: drop --which")
+        return export_method(source, out)
+    return export_backbone(source, out, which)
 
 
 def exported_config_path(weights: Path) -> Path:
@@ -307,28 +221,22 @@ def exported_config_path(weights: Path) -> Path:
 
 def read_exported_config(path: Path) -> dict[str, Any]:
     """The config of an export: its JSON file, else the copy in the safetensors metadata."""
-    weights = Path(path).with_suffix(".safetensors")
-    json_path = exported_config_path(weights)
-    if json_path.is_file():
-        return json.loads(json_path.read_text())
-    if not weights.is_file():
-        raise ExportError(f"neither {json_path} nor {weights} exists")
-    with safe_open(str(weights), framework="pt") as f:
-        metadata = f.metadata() or {}
-    if "config" not in metadata:
-        raise ExportError(f"{json_path} is missing and {weights} carries no config metadata")
-    return json.loads(metadata["config"])
+    return read_export(path)[1]
 
 
-def load_exported(path: Path, **overrides: Any) -> nn.Module:
+def load_exported(path: Path, which: str | None = None, **overrides: Any) -> nn.Module:
     """The exported backbone, rebuilt with `build_backbone` and loaded strictly, in eval mode.
 
-    `path`: the `.safetensors` file (or its `.json`). `overrides` go to `build_backbone` on top of
-    the exported kwargs: only knobs that leave the parameters unchanged (`drop_path_rate`,
-    `grad_checkpointing`) load strictly.
+    `path`: the `.safetensors` file (or its `.json`), a backbone export or a whole-method one (of
+    which `which` picks the network: default teacher for DINO, student for MAE). `overrides` go
+    to `build_backbone` on top of the exported kwargs: only knobs that leave the parameters
+    unchanged (`drop_path_rate`, `grad_checkpointing`) load strictly.
     """
-    weights = Path(path).with_suffix(".safetensors")
-    config = read_exported_config(weights)
+    state, config = read_export(path)
+    if config.get("contents", "backbone") == "method":
+        which = _default_which(config["method"], which, path)
+        prefix = (TEACHER if which == "teacher" else STUDENT) + PREFIX
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     model = build_backbone(config["backbone"], **{**config["kwargs"], **overrides})
-    model.load_state_dict(load_file(str(weights)), strict=True)
+    model.load_state_dict(state, strict=True)
     return model.eval()

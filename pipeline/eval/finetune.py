@@ -48,6 +48,7 @@ from pipeline.data.transforms import MaeCrop, collate_views, normalize
 from pipeline.eval.features import make_accelerator, weights_digest
 from pipeline.fileio import write_atomic
 from pipeline.models import build_backbone
+from pipeline.train import safe_load
 from pipeline.train.metrics import truncate_metrics
 from pipeline.train.preemption import StopFlag
 from pipeline.train.schedules import learning_rate, scaled_lr
@@ -302,11 +303,11 @@ def load_checkpoint(
                 f"{tag} was written by another fine-tune ({key} differs: the backbone or "
                 f"eval.finetune changed); delete {tag.parent.parent} to start over"
             )
+    # accelerate unpickles its files without restriction (its RNG file holds numpy arrays):
+    # every file passes the restricted unpickler first, or nothing of the tag is loaded.
+    safe_load.check_tree(tag, numpy=True)
     accelerator.load_state(str(tag))
-    states = [
-        torch.load(tag / f"loader-rank{r:05d}.pt", weights_only=False)
-        for r in range(meta["world_size"])
-    ]
+    states = [safe_load.load(tag / f"loader-rank{r:05d}.pt") for r in range(meta["world_size"])]
     loader.load_state_dict(states)
     return int(meta["step"])
 

@@ -6,11 +6,20 @@ A checkpoint is a tag directory `root/step-{step:08d}` holding
   keep, or keeps from rank 0 only),
 - `shared-{name}.pt` files written by rank 0 (full, shard-agnostic state such as the DINO teacher),
 - `commit.json`, written last by rank 0 after every rank has finished: world size, ZeRO stage, step,
-  recipe hash, and every file of the tag with its size.
+  recipe hash, and every file of the tag with its size and SHA-256. Each rank hashes its files while
+  writing them (ours through `HashingWriter`; DeepSpeed's through a wrapper around its checkpoint
+  engine), so committing costs no second read; rank 0 collects the digests.
 Only then does rank 0 move our pointer `root/committed`. DeepSpeed's `latest` is not a commit marker
 (it is written without a temporary name, before DeepSpeed's final barrier), so we never write it and
 never read it. Every file of ours goes through a temporary name in the same directory and
 `os.replace`; a crash at any point of `save` leaves `latest()` on the previous complete checkpoint.
+
+Reading trusts nothing: `latest()` checks every file's content against its digest (or its size
+only, with `verify="size"`, for runs too large to re-read at each resume) and falls back to the
+previous complete checkpoint, naming the file that differs. No file is unpickled beyond tensors,
+plain values and DeepSpeed's own record types (`safe_load`): our states are stored in that form,
+DeepSpeed's loads go through the restricted unpickler, and before DeepSpeed's own loaders run
+every file of the tag is checked by it.
 
 Loading at another data-parallel world size (what DeepSpeed 0.19.8 does, checked on CPU/gloo):
 - ZeRO-1/2 with optimizer state: DeepSpeed refuses the sharded optimizer files, so the tag is
@@ -50,13 +59,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline.fileio import atomic_file, write_atomic
+from pipeline.fileio import HASH, HashingWriter, atomic_file, file_digest, write_atomic
+from pipeline.train import safe_load
 
 log = logging.getLogger(__name__)
 
 COMMIT_FILE = "commit.json"
 POINTER_FILE = "committed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: files carry a content digest; 1 (sizes only) still loads
+VERIFY_MODES = ("content", "size")
 _TAG_RE = re.compile(r"^step-(\d{8})$")
 _SHARED_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _UNIVERSAL_DIR = "universal"  # DeepSpeed universal copy of a tag, made on a world-size change
@@ -70,10 +81,18 @@ class CheckpointError(RuntimeError):
 
 
 def rng_state() -> dict:
-    """Python `random`, numpy's global and torch's CPU generators (and the current CUDA device)."""
+    """Python `random`, numpy's global and torch's CPU generators (and the current CUDA device),
+    as tensors and plain values only, so the restricted unpickler reads them back."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": random.getstate(),  # (version, 625 ints, gauss or None)
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(gauss),
+        },
         "torch": torch.get_rng_state(),
     }
     # Only the current device: get_rng_state_all() would create a context on every visible GPU.
@@ -87,7 +106,9 @@ def set_rng_state(state: dict) -> None:
     if "python" in state:
         random.setstate(state["python"])
     if "numpy" in state:
-        np.random.set_state(state["numpy"])
+        n = state["numpy"]
+        keys = n["keys"].numpy().astype(np.uint32)
+        np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
     if "torch" in state:
         torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
@@ -116,14 +137,52 @@ def _write_bytes_atomic(path: Path, data: bytes) -> None:
     _fsync(path.parent)  # the rename itself reaches the disk before anyone relies on it
 
 
-def _torch_save_atomic(obj: Any, path: Path) -> None:
+def _torch_save_atomic(obj: Any, path: Path) -> tuple[int, str]:
+    """Save through a temporary name; returns (size, digest), computed while writing."""
     with atomic_file(path) as f:
-        torch.save(obj, f)
+        writer = HashingWriter(f)
+        torch.save(obj, writer)
+    return writer.size, writer.hexdigest()
 
 
 def _torch_load(path: Path) -> Any:
-    # Our own files, holding numpy RNG states and python objects: not a weights-only payload.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return safe_load.load(path, deepspeed=True)
+
+
+class _RecordingCheckpointEngine:
+    """DeepSpeed's torch checkpoint engine, changed in two ways: every file it saves is hashed while
+    written (into `records`, absolute path -> (size, digest)), and every file it loads goes through
+    the restricted unpickler. Everything else is the wrapped engine's."""
+
+    def __init__(self, inner: Any, records: dict[str, tuple[int, str]]) -> None:
+        self.inner = inner
+        self.records = records
+
+    def save(self, state_dict: Any, path: str) -> None:
+        with open(path, "wb") as f:
+            writer = HashingWriter(f)
+            torch.save(
+                state_dict,
+                writer,
+                _use_new_zipfile_serialization=self.inner.zipfile_serialization,
+            )
+        self.records[os.path.abspath(path)] = (writer.size, writer.hexdigest())
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        return safe_load.load(Path(path), deepspeed=True, map_location=map_location)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def _install_recording(engine: Any, records: dict[str, tuple[int, str]]) -> None:
+    """Put `_RecordingCheckpointEngine` in front of a DeepSpeed engine's torch checkpoint engine
+    (other engines, e.g. asynchronous ones, are left alone: their files are hashed at commit)."""
+    current = getattr(engine, "checkpoint_engine", None)
+    if isinstance(current, _RecordingCheckpointEngine):
+        current.records = records
+    elif type(current).__name__ == "TorchCheckpointEngine":
+        engine.checkpoint_engine = _RecordingCheckpointEngine(current, records)
 
 
 def _list_files(tag_dir: Path) -> Iterator[Path]:
@@ -154,8 +213,20 @@ def read_commit(tag_dir: Path) -> dict:
     return record
 
 
-def validate(tag_dir: Path) -> str | None:
-    """None when the tag is committed and complete, else what is wrong with it."""
+def _expected(entry: int | dict) -> tuple[int, str | None]:
+    """(size, digest or None) of a commit record's file entry (format 1 listed sizes only)."""
+    if isinstance(entry, int):
+        return entry, None
+    return int(entry["size"]), entry.get(HASH)
+
+
+def validate(tag_dir: Path, verify: str = "size") -> str | None:
+    """None when the tag is committed and complete, else what is wrong with it (naming the file).
+
+    `verify="size"` compares file sizes with the commit record; `"content"` also re-reads every
+    file and compares its digest (a bit flip or a half-copied file of the right size)."""
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
     tag_dir = Path(tag_dir)
     try:
         record = read_commit(tag_dir)
@@ -163,7 +234,8 @@ def validate(tag_dir: Path) -> str | None:
         return str(e)
     if record["tag"] != tag_dir.name:
         return f"{tag_dir / COMMIT_FILE} names tag {record['tag']!r}"
-    for rel, size in record["files"].items():
+    entries = {rel: _expected(entry) for rel, entry in record["files"].items()}
+    for rel, (size, _) in entries.items():  # cheap checks of every file before any long read
         path = tag_dir / rel
         try:
             actual = path.stat().st_size
@@ -171,6 +243,15 @@ def validate(tag_dir: Path) -> str | None:
             return f"missing {path}"
         if actual != size:
             return f"{path} has {actual} bytes, {COMMIT_FILE} lists {size}"
+    if verify == "content":
+        for rel, (_, digest) in entries.items():
+            if digest is None:
+                continue  # written before digests were recorded
+            if file_digest(tag_dir / rel)[1] != digest:
+                return (
+                    f"{tag_dir / rel} does not match its {HASH} in {COMMIT_FILE} (changed or "
+                    f"damaged after the save)"
+                )
     return None
 
 
@@ -185,15 +266,26 @@ class CheckpointManager:
     """
 
     def __init__(
-        self, root: Path, *, rank: int, world_size: int, keep: int = 3, recipe_hash: str = ""
+        self,
+        root: Path,
+        *,
+        rank: int,
+        world_size: int,
+        keep: int = 3,
+        recipe_hash: str = "",
+        verify: str = "content",
     ) -> None:
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
         self.root = Path(root)
         self.rank = rank
         self.world_size = world_size
         self.keep = keep
         self.recipe_hash = recipe_hash
+        self.verify = verify
+        self._written: dict[str, tuple[int, str]] = {}  # this rank's files of the current save
 
     # ----------------------------------------------------------------- names
 
@@ -254,26 +346,31 @@ class CheckpointManager:
                 error = e
         self._agree(error, engine, f"preparing {tag_dir}")
 
-        # 1. DeepSpeed's sharded files (its collectives inside).
+        # 1. DeepSpeed's sharded files (its collectives inside), hashed as they are written.
+        self._written = {}
+        _install_recording(engine, self._written)
         engine.save_checkpoint(
             str(self.root), tag=tag, client_state=client_state, save_latest=False
         )
 
         # 2-3. Our files: per-rank state on every rank, shared state on rank 0.
         try:
-            _torch_save_atomic(rank_state, tag_dir / f"rank-{self.rank:05d}.pt")
+            path = tag_dir / f"rank-{self.rank:05d}.pt"
+            self._written[str(path.resolve())] = _torch_save_atomic(rank_state, path)
             if self.rank == 0:
                 for name, state in shared.items():
-                    _torch_save_atomic(state, tag_dir / f"shared-{name}.pt")
+                    path = tag_dir / f"shared-{name}.pt"
+                    self._written[str(path.resolve())] = _torch_save_atomic(state, path)
         except Exception as e:
             error = e
         # 4. Every rank has finished writing (or all raise together instead of hanging).
         self._agree(error, engine, f"writing {tag_dir}")
+        digests = self._gather_digests(tag_dir)
 
         # 4-6. Commit record, pointer, pruning: rank 0 only.
         if self.rank == 0:
             try:
-                self._write_commit(engine, tag_dir, step, client_state, shared)
+                self._write_commit(engine, tag_dir, step, client_state, shared, digests)
                 self._move_pointer(tag)
             except Exception as e:
                 error = e
@@ -286,13 +383,49 @@ class CheckpointManager:
         self._agree(error, engine, f"committing {tag_dir}")
         return tag_dir
 
+    def _gather_digests(self, tag_dir: Path) -> dict[str, tuple[int, str]]:
+        """Collective: every rank's (size, digest) of the files it wrote into `tag_dir`, by path
+        relative to it (rank 0 uses them; the others get them too, at no extra cost)."""
+        mine = {}
+        for path, entry in self._written.items():
+            rel = (
+                Path(path).relative_to(tag_dir.resolve())
+                if path.startswith(str(tag_dir.resolve()))
+                else None
+            )
+            if rel is not None:
+                mine[rel.as_posix()] = entry
+        if self.world_size > 1 and dist.is_available() and dist.is_initialized():
+            every: list[Any] = [None] * self.world_size
+            dist.all_gather_object(every, mine)
+        else:
+            every = [mine]
+        merged: dict[str, tuple[int, str]] = {}
+        for part in every:
+            merged.update(part)
+        return merged
+
     def _write_commit(
-        self, engine: Any, tag_dir: Path, step: int, client_state: dict, shared: dict
+        self,
+        engine: Any,
+        tag_dir: Path,
+        step: int,
+        client_state: dict,
+        shared: dict,
+        digests: dict[str, tuple[int, str]],
     ) -> None:
         files = {}
         for path in _list_files(tag_dir):
             _fsync(path)  # DeepSpeed writes without fsync: flush before declaring it committed
-            files[path.relative_to(tag_dir).as_posix()] = path.stat().st_size
+            rel = path.relative_to(tag_dir).as_posix()
+            size = path.stat().st_size
+            recorded = digests.get(rel)
+            if recorded is None or recorded[0] != size:
+                # Written past the recording wrappers (another DeepSpeed checkpoint engine, a
+                # helper script it copies): hash it now, once.
+                log.debug("hashing %s at commit (not recorded while written)", path)
+                recorded = file_digest(path)
+            files[rel] = {"size": size, HASH: recorded[1]}
         for rank in range(self.world_size):  # cheap guard against a rank that wrote elsewhere
             if f"rank-{rank:05d}.pt" not in files:
                 raise CheckpointError(f"{tag_dir} lacks the file of rank {rank}")
@@ -320,7 +453,7 @@ class CheckpointManager:
         incomplete ones. Tags newer than the current one are never touched: one may be being
         written (or belong to a run we deliberately resumed before)."""
         older = [(s, d) for s, d in self._tags() if s < current_step]
-        complete = [d for _, d in older if validate(d) is None]
+        complete = [d for _, d in older if validate(d, "size") is None]
         kept = set(complete[max(len(complete) - (self.keep - 1), 0) :]) if self.keep > 1 else set()
         for _, tag_dir in older:
             if tag_dir not in kept:
@@ -339,7 +472,9 @@ class CheckpointManager:
 
     def latest(self) -> Path | None:
         """The newest committed, complete tag: the one `committed` names if it validates, else the
-        newest valid tag older than it (any valid tag when there is no pointer). No collectives."""
+        newest valid tag older than it (any valid tag when there is no pointer). Tags are checked
+        as `self.verify` says (content digests by default). No collectives: call it on one rank
+        and broadcast the answer, so that every rank resumes from the same tag."""
         pointer = self._pointer()
         tags = self._tags()
         limit = None
@@ -347,7 +482,7 @@ class CheckpointManager:
             match = _TAG_RE.match(pointer)
             if match:
                 limit = int(match.group(1))
-                problem = validate(self.root / pointer)
+                problem = validate(self.root / pointer, self.verify)
                 if problem is None:
                     return self.root / pointer
                 log.warning(
@@ -358,8 +493,10 @@ class CheckpointManager:
         for step, tag_dir in reversed(tags):
             if limit is not None and step >= limit:
                 continue
-            if validate(tag_dir) is None:
+            problem = validate(tag_dir, self.verify)
+            if problem is None:
                 return tag_dir
+            log.warning("skipping checkpoint %s: %s", tag_dir, problem)
         return None
 
     def commit_info(self, tag_dir: Path) -> dict:
@@ -396,11 +533,13 @@ class CheckpointManager:
             # Legitimate (a longer schedule, a new log interval), but worth a line in the log.
             log.warning("resuming %s written by another recipe (hash %s, now %s)",
                         tag_dir, saved_hash, self.recipe_hash)  # fmt: skip
+        # Some of DeepSpeed's loaders unpickle without restriction: check every file first.
+        self._check_safe(tag_dir, engine)
         universal_engine = bool(engine.load_universal_checkpoint())
         if stage == 3 and universal_engine:
             raise CheckpointError(
                 f"universal loading under ZeRO-3 drops frozen parameters and per-group "
-                f"hyper-parameters (PITFALLS.md); build the engine without "
+                f"hyper-parameters; build the engine without "
                 f"checkpoint.load_universal: {where}"
             )
 
@@ -452,6 +591,7 @@ class CheckpointManager:
             except Exception as e:
                 error = e
         self._agree(error, engine, f"converting {tag_dir} to DeepSpeed's universal format")
+        self._check_safe(out, engine)  # made by us from checked files, unless planted there
         # Universal loading is a DeepSpeed config switch read only inside load_checkpoint;
         # switch it on for this call rather than asking for another engine.
         config = engine._config
@@ -501,6 +641,17 @@ class CheckpointManager:
         if ds_client is None:
             raise CheckpointError(f"DeepSpeed found no checkpoint files in {tag_dir}")
         return ds_client
+
+    def _check_safe(self, directory: Path, engine: Any) -> None:
+        """Collective: rank 0 checks every pickled file below `directory` with the restricted
+        unpickler (pickles only, not tensor data); all ranks raise together if one is refused."""
+        error: BaseException | None = None
+        if self.rank == 0:
+            try:
+                safe_load.check_tree(directory)
+            except safe_load.UnsafeCheckpointError as e:
+                error = e
+        self._agree(error, engine, f"checking the files of {directory}")
 
     # ----------------------------------------------------------------- collectives
 

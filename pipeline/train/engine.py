@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from pipeline.config import Recipe, recipe_hash, save_recipe
@@ -36,6 +38,7 @@ from pipeline.train.metrics import MetricsWriter, SampleLog, peak_memory_gb
 from pipeline.train.preemption import StopFlag
 from pipeline.train.schedules import Schedules
 from pipeline.train.teacher import Teacher, build_teacher
+from pipeline.train.weights import init_method, method_weights
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +197,20 @@ def pretrain(
     init_distributed(env)
     torch.manual_seed(recipe.run.seed)  # identical initial weights on every rank
     student, teacher_module = build_method(recipe)
+    ckpt = CheckpointManager(
+        run_dir / "checkpoints",
+        rank=env.rank,
+        world_size=env.world_size,
+        keep=recipe.checkpoint.keep,
+        recipe_hash=recipe_hash(recipe),
+        verify=recipe.checkpoint.verify,
+    )
+    resume_tag = _pick_resume_tag(ckpt, env)
+    if resume_tag is None and recipe.model.init_from:
+        # Every rank reads the same file (like the seeded initialisation it replaces).
+        source = recipe.model.init_from
+        init_method(student, teacher_module, method_weights(Path(source)),
+                    ignore=recipe.model.init_from_ignore, source=source)  # fmt: skip
     device = env.device
     method = recipe.method.name
     groups = param_groups(student, recipe.optim.weight_decay)
@@ -235,14 +252,7 @@ def pretrain(
     sched = Schedules(recipe.optim, recipe.method.dino if method == "dino" else None,
                       steps_per_epoch, total, global_batch)  # fmt: skip
 
-    ckpt = CheckpointManager(
-        run_dir / "checkpoints",
-        rank=env.rank,
-        world_size=env.world_size,
-        keep=recipe.checkpoint.keep,
-        recipe_hash=recipe_hash(recipe),
-    )
-    step = _resume(ckpt, engine, loader, ctx.teacher, env)
+    step = _resume(ckpt, resume_tag, engine, loader, ctx.teacher, env)
     if step == 0 and env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, run_dir / "config.yaml")
@@ -274,7 +284,7 @@ def pretrain(
         while step < total:
             values = {"step": step, **sched.at(step)}
             _set_schedules(optimizer, values, sched.epoch(step) < _freeze_epochs(recipe))
-            ctx.generator.manual_seed(recipe.run.seed * 1_000_003 + step * 1009 + env.rank)
+            ctx.generator.manual_seed(step_seed(recipe.run.seed, step, env.rank))
             data_time, ids = 0.0, []
             for _ in range(recipe.train.grad_accum):
                 wait = time.perf_counter()
@@ -319,15 +329,39 @@ def pretrain(
     return {"step": step, "total": total, "run_dir": str(run_dir), "stopped": stopped}
 
 
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of one rank's device-side randomness at one step: distinct for every
+    (seed, step, rank), at any world size (a hash of the three, not a linear mix)."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _pick_resume_tag(ckpt: CheckpointManager, env: DistEnv) -> Path | None:
+    """Rank 0 picks the checkpoint to resume from (checking it as `checkpoint.verify` says) and
+    tells every rank: ranks listing a shared directory on their own can disagree (NFS, Lustre)."""
+    choice: list[Any] = [None]
+    if env.is_main:
+        if ckpt.verify == "size":
+            log.info("checking checkpoint file sizes only (checkpoint.verify=size)")
+        tag = ckpt.latest()
+        choice = [None if tag is None else str(tag)]
+    if env.world_size > 1:
+        dist.broadcast_object_list(choice, src=0)
+    return None if choice[0] is None else Path(choice[0])
+
+
 def _resume(
-    ckpt: CheckpointManager, engine: Any, loader: Any, teacher: Teacher | None, env: DistEnv
+    ckpt: CheckpointManager,
+    tag: Path | None,
+    engine: Any,
+    loader: Any,
+    teacher: Teacher | None,
+    env: DistEnv,
 ) -> int:
-    """Load the newest committed checkpoint, if any; returns the step to continue from.
+    """Load the committed checkpoint `tag`, if any; returns the step to continue from.
 
     ZeRO-3 optimizer state cannot move to another world size: then the weights, the teacher and
     the data position are loaded, and the optimizer starts afresh (with a warning).
     """
-    tag = ckpt.latest()
     if tag is None:
         return 0
     info = ckpt.commit_info(tag)
