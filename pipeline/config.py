@@ -66,6 +66,7 @@ from pipeline.fileio import write_atomic
 __all__ = [
     "BACKBONE_NAMES",
     "HIERARCHICAL_MASK_STRIDE",
+    "RESUMABLE_KEYS",
     "STAGES",
     "BucketsConfig",
     "CheckpointConfig",
@@ -94,11 +95,14 @@ __all__ = [
     "dump_recipe",
     "input_stride",
     "is_hierarchical",
+    "key_source",
     "load_recipe",
+    "recipe_changes",
     "recipe_from_dict",
     "recipe_hash",
     "save_recipe",
     "to_dict",
+    "unsafe_changes",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -446,3 +450,63 @@ def recipe_hash(recipe: Recipe, exclude: Sequence[str] = ("launch",)) -> str:
     partition), which changes where it runs, not what it computes."""
     data = {k: v for k, v in to_dict(recipe).items() if k not in exclude}
     return hashlib.sha256(yaml.dump(data, Dumper=_Dumper, sort_keys=True).encode()).hexdigest()
+
+
+# Keys a run directory accepts changed between launches: where the run goes (run.dir/run.name of
+# a moved directory), where and how it runs (launch), which stages run and what they evaluate
+# (stages, eval, data.val), how it logs and checkpoints, how long it trains, and a few knobs
+# that change speed or failure handling but not the numbers (data.workers: the stream re-lays
+# out what is left of the epoch; model.grad_checkpointing: recomputes the same activations). Any
+# other change (model, method, optimizer, batch, precision, training data, seed) would resume a
+# checkpoint under a different recipe, and is refused.
+RESUMABLE_KEYS: tuple[str, ...] = (
+    "run.dir",
+    "run.name",
+    "launch",
+    "stages",
+    "eval",
+    "log",
+    "checkpoint",
+    "train.epochs",
+    "train.steps",
+    "train.nan_policy",
+    "data.val",
+    "data.workers",
+    "data.max_bad_fraction",
+    "model.grad_checkpointing",
+)
+
+
+def _leaves(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> value for every scalar or list in nested dicts."""
+    if isinstance(data, dict) and data:
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_leaves(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: data}
+
+
+def recipe_changes(old: Recipe, new: Recipe) -> dict[str, tuple[Any, Any]]:
+    """Dotted key -> (old value, new value) for every key whose value differs."""
+    a, b = _leaves(to_dict(old)), _leaves(to_dict(new))
+    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+
+
+def unsafe_changes(
+    old: Recipe, new: Recipe, safe: Sequence[str] = RESUMABLE_KEYS
+) -> dict[str, tuple[Any, Any]]:
+    """The changes of `recipe_changes` that a run directory must refuse (outside `safe`)."""
+    return {
+        key: change
+        for key, change in recipe_changes(old, new).items()
+        if not any(key == s or key.startswith(s + ".") for s in safe)
+    }
+
+
+def key_source(path: str | Path, key: str, overrides: Sequence[str] = ()) -> str | None:
+    """Where the value of dotted `key` comes from: the recipe file of `path`'s `base:` chain
+    that sets it last, `<command line>` for an override, or None for the schema's default."""
+    data, sources = _load_chain(Path(path))
+    _set_overrides(data, overrides, sources)
+    return sources.get(tuple(key.split(".")))
