@@ -6,7 +6,9 @@ Every rank of a job runs this (the local launcher through torch's elastic agent,
 launcher through submitit); rank facts come from the environment (RANK, LOCAL_RANK, WORLD_SIZE,
 MASTER_ADDR, MASTER_PORT). The process exits 0 when the stages are done, and
 `REQUEUE_EXIT_CODE` when a stop signal ended pretraining early after a committed checkpoint:
-running the same command again resumes from it.
+running the same command again resumes from it. Under SLURM, rank 0 requeues the job itself when
+that signal was the time-limit warning (`pipeline.launch.slurm.requeue_if_timed_out`); a rank
+that raises logs the error and the last committed checkpoint and exits at once (`run_task`).
 
 Not here: where the processes come from (`pipeline.launch`), nor what a stage does inside.
 """
@@ -16,9 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -26,9 +29,10 @@ from torch import nn
 from pipeline.config import Recipe, load_recipe
 from pipeline.fileio import write_atomic
 from pipeline.launch.local import die_with_agent
+from pipeline.launch.slurm import adopt_srun_task, requeue_if_timed_out, slurm_job_id
 from pipeline.models import build_backbone
 from pipeline.train.distributed import DistEnv, env_from_environ, finish_and_exit, init_distributed
-from pipeline.train.preemption import REQUEUE_EXIT_CODE
+from pipeline.train.preemption import REQUEUE_EXIT_CODE, hold_stop_signals
 
 log = logging.getLogger("pipeline.stages")
 
@@ -60,6 +64,43 @@ def run_stages(recipe: Recipe, env: DistEnv, run_dir: Path, stages: list[str] | 
     if env.is_main:
         _plot(run_dir)
     return 0
+
+
+def run_task(
+    recipe: Recipe, env: DistEnv, run_dir: Path, stages: list[str] | None = None
+) -> NoReturn:
+    """What every rank of a job does (SLURM task or local process): run the stages, then requeue
+    at a time limit (SLURM, rank 0) and exit with their status.
+
+    A rank that raises logs it with the last committed checkpoint and exits at once (status 1,
+    no teardown, which can hang with a dead peer): `srun --kill-on-bad-exit` or torch's elastic
+    agent then ends the other ranks instead of leaving them in a collective until its timeout.
+    """
+    try:
+        code = run_stages(recipe, env, run_dir, stages)
+    except Exception:
+        log.critical(
+            "rank %d of %d failed; last committed checkpoint: %s",
+            env.rank, env.world_size, _last_commit(run_dir), exc_info=True,
+        )  # fmt: skip
+        logging.shutdown()
+        os._exit(1)
+    requeue_if_timed_out(code, env.rank)
+    # os._exit after a barrier: the interpreter's teardown can abort under ZeRO-3 (see
+    # finish_and_exit), and the figures are already in the run directory.
+    finish_and_exit(code)
+
+
+def _last_commit(run_dir: Path) -> str:
+    """The committed checkpoint a relaunch resumes from, for failure messages (never raises)."""
+    from pipeline.train.checkpoint import POINTER_FILE, validate
+
+    try:
+        tag = (run_dir / "checkpoints" / POINTER_FILE).read_text().strip()
+        problem = validate(run_dir / "checkpoints" / tag)
+    except Exception as e:  # no checkpoint yet, unreadable pointer: say so
+        return f"none ({e.__class__.__name__})"
+    return str(run_dir / "checkpoints" / tag) + (f" ({problem})" if problem else "")
 
 
 def _plot(run_dir: Path) -> None:
@@ -122,6 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stage", action="append", help="run only this stage (repeatable)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     args = p.parse_args(argv)
+    if slurm_job_id():  # a task of the hand-written sbatch script (slurm/sbatch_template.sh)
+        hold_stop_signals()
+        adopt_srun_task()
     env = env_from_environ()
     logging.basicConfig(
         level=logging.INFO if env.is_main else logging.WARNING,
@@ -129,8 +173,7 @@ def main(argv: list[str] | None = None) -> None:
         stream=sys.stderr,
     )
     recipe = load_recipe(args.config, args.overrides)
-    code = run_stages(recipe, env, run_dir_of(recipe), args.stage)
-    finish_and_exit(code)
+    run_task(recipe, env, run_dir_of(recipe), args.stage)
 
 
 if __name__ == "__main__":

@@ -5,12 +5,18 @@ task per GPU, or one per node on CPU nodes). `StageTask` is the submitted callab
 reads its rank from submitit's JobEnvironment, finds the master's address and a port derived
 from the job id, joins the process group and runs the recipe's stages.
 
-Preemption and time limits (PITFALLS.md): SLURM signals every task (SIGUSR1 before the time
-limit through `--signal`, SIGTERM on preemption or `scontrol requeue`). submitit's own hook would
-run on rank 0 only, inside the signal handler, where no collective save can run; the trainer's
-`StopFlag` replaces it while training, every rank agrees at the next step boundary and saves, and
-then rank 0 requeues the job itself (`scontrol requeue`). The requeued job runs the same callable,
-which resumes from the run directory's last committed checkpoint.
+Time limits, preemption and cancels (`pipeline.train.preemption`): the job asks SLURM for
+`TIME_LIMIT_SIGNAL` (SIGUSR1) `SIGNAL_DELAY_S` before its time limit, explicitly, not through
+submitit's default (SIGUSR2). SLURM sends it to every task; every rank notes it, the ranks agree at
+the next step boundary, save together, and rank 0 requeues the job (`scontrol requeue`), which
+resumes from the run directory's last committed checkpoint. SIGTERM (`scancel`, preemption,
+`scontrol requeue`) also stops with a save, but rank 0 never requeues after it: SLURM requeues a
+preempted job itself, and a cancelled one must stay cancelled. submitit's own handlers (rank 0
+only, inside the signal handler, no collective save possible) are replaced for the whole task.
+
+Failures: `srun --kill-on-bad-exit=1` ends every task of the job when one exits non-zero, and a
+rank that raises exits at once (`pipeline.stages.run_task`), so the others never wait in a
+collective for the process-group timeout.
 
 Not here: recipe validation and the run directory checks (`tools/launch.py`), the stages.
 """
@@ -29,8 +35,15 @@ from typing import Any
 
 from pipeline.config import Recipe
 from pipeline.fileio import write_atomic
+from pipeline.train.preemption import TIME_LIMIT, TIME_LIMIT_SIGNAL, requeue_wanted
 
 log = logging.getLogger(__name__)
+
+# Seconds between the time-limit warning and the limit: room for one checkpoint save (SLURM may
+# send it up to a minute early). `launch.sbatch_args: ["--signal=USR1@S"]` changes it.
+SIGNAL_DELAY_S = 120
+# One rank exiting non-zero (an exception, the OOM killer) ends every task of the step.
+SRUN_ARGS = ["--kill-on-bad-exit=1"]
 
 
 def tasks_per_node(recipe: Recipe) -> int:
@@ -47,9 +60,14 @@ def slurm_parameters(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
         "cpus_per_task": la.cpus_per_task,
         "timeout_min": la.time_min,
         "name": la.job_name or recipe.run.name,
-        "slurm_signal_delay_s": 120,  # SIGUSR1 two minutes before the limit: time to save
+        "slurm_srun_args": list(SRUN_ARGS),
+        # The signal the trainer handles, named here: submitit's own default is its USR_SIG.
         # A requeued job keeps its id, so its log files: append instead of truncating them.
-        "slurm_additional_parameters": {"requeue": True, "open_mode": "append"},
+        "slurm_additional_parameters": {
+            "signal": f"{TIME_LIMIT_SIGNAL.name[3:]}@{SIGNAL_DELAY_S}",
+            "requeue": True,
+            "open_mode": "append",
+        },
     }
     if la.gpus_per_node:
         params["gpus_per_node"] = la.gpus_per_node
@@ -64,7 +82,60 @@ def slurm_parameters(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
     for arg in la.sbatch_args:
         key, _, value = arg.lstrip("-").partition("=")
         extra[key.replace("-", "_")] = value if value else True
+    check_signal(str(extra["signal"]))
     return params
+
+
+def check_signal(spec: str) -> None:
+    """Refuse a `--signal` the trainer would not handle, or one sent to the batch shell only."""
+    name, _, delay = spec.partition("@")
+    if name.startswith(("B:", "R:")) or f"SIG{name.upper()}" not in TIME_LIMIT or not delay:
+        raise ValueError(
+            f"--signal={spec}: the trainer stops at {TIME_LIMIT_SIGNAL.name[3:]}@<seconds> "
+            "(sent to every task); give that form in launch.sbatch_args"
+        )
+
+
+def slurm_job_id() -> str | None:
+    """The job id when this process is a task of a SLURM job step (ours or the template's);
+    None elsewhere, also for local ranks started by torch's elastic agent inside an allocation."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return None
+    return os.environ.get("SLURM_JOB_ID") or None
+
+
+def adopt_srun_task() -> None:
+    """In a task that `srun` started directly (slurm/sbatch_template.sh), take the rank facts from
+    SLURM's variables and name the interface towards the master, as `StageTask` does for submitit
+    tasks. Variables already set win."""
+    facts = {"RANK": "SLURM_PROCID", "LOCAL_RANK": "SLURM_LOCALID", "WORLD_SIZE": "SLURM_NTASKS"}
+    for ours, theirs in facts.items():
+        if theirs in os.environ:
+            os.environ.setdefault(ours, os.environ[theirs])
+    master = os.environ.get("MASTER_ADDR")
+    iface = interface_towards(master) if master else None
+    if iface and iface != "lo":  # gloo/NCCL would otherwise advertise the hostname's address
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", iface)
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", iface)
+
+
+def requeue_if_timed_out(code: int, rank: int) -> bool:
+    """On rank 0 of a SLURM job that stopped at its time-limit warning: requeue it (the run
+    resumes from its committed checkpoint). Never after a SIGTERM: `scancel` means stop for good,
+    and SLURM requeues a preempted job itself. Returns whether it requeued."""
+    from pipeline.train.preemption import REQUEUE_EXIT_CODE, signals_received
+
+    job_id = slurm_job_id()
+    if rank != 0 or code != REQUEUE_EXIT_CODE or not job_id:
+        return False
+    if not requeue_wanted():
+        log.warning("stopped on %s: not requeueing job %s", signals_received(), job_id)
+        return False
+    log.warning("time limit: requeueing job %s to resume from the committed checkpoint", job_id)
+    out = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+    if out.returncode != 0:
+        log.error("scontrol requeue %s failed: %s", job_id, (out.stderr or out.stdout).strip())
+    return out.returncode == 0
 
 
 def submit(recipe: Recipe, run_dir: Path, config: Path, stages: list[str] | None) -> Any:
@@ -143,9 +214,11 @@ class StageTask:
         import submitit
 
         from pipeline.config import load_recipe
-        from pipeline.stages import run_dir_of, run_stages
-        from pipeline.train.distributed import DistEnv, finish_and_exit
-        from pipeline.train.preemption import REQUEUE_EXIT_CODE
+        from pipeline.stages import run_dir_of, run_task
+        from pipeline.train.distributed import DistEnv
+        from pipeline.train.preemption import hold_stop_signals
+
+        hold_stop_signals()  # first: submitit's handlers must never run (module docstring)
 
         job = submitit.JobEnvironment()
         master = node_address(job.hostnames[0])
@@ -173,16 +246,10 @@ class StageTask:
         run_dir = run_dir_of(recipe)
         _record_task(run_dir, job, master, iface)
         env = DistEnv(job.global_rank, job.local_rank, job.num_tasks)
-        code = run_stages(recipe, env, run_dir, self.stages)
-        if code == REQUEUE_EXIT_CODE and job.global_rank == 0:
-            log.warning("requeueing job %s to resume from the committed checkpoint", job.job_id)
-            subprocess.run(["scontrol", "requeue", str(job.job_id)], check=False)
-        # os._exit after a barrier: the interpreter's teardown can abort under ZeRO-3 (see
-        # finish_and_exit), and the figures are already in the run directory.
-        finish_and_exit(code)
+        run_task(recipe, env, run_dir, self.stages)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
-        """submitit's requeue hook, should it run: the same task resumes from the run dir."""
+        """submitit's requeue hook, should its handler ever run: the same task resumes."""
         import submitit
 
         return submitit.helpers.DelayedSubmission(self)
