@@ -122,7 +122,7 @@ def check_run_dir(recipe: Recipe, run_dir: Path) -> dict[str, tuple]:
     return recipe_changes(old, recipe)
 
 
-def _short(value: object, width: int = 40) -> str:
+def _short(value: object, width: int = 120) -> str:
     text = str(value)
     return text if len(text) <= width else text[: width - 3] + "..."
 
@@ -180,11 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not local:
             check_controller()
-        lock = acquire(run_dir)
+        warnings: list[str] = []
+        lock = acquire(run_dir, warn=warnings.append)
     except (LaunchError, RunDirBusy, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(mode, file=sys.stderr)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     for key, (old, new) in changes.items():
         print(f"{run_dir}: {key} changed, {_short(old)} -> {_short(new)}", file=sys.stderr)
     config = run_dir / "config.yaml"

@@ -12,7 +12,8 @@ kernel to SIGKILL the rank when its agent goes, as a crash of the whole node wou
 spends seconds importing before it gets there, so the launcher names its own PID in
 `AGENT_PID_ENV`: a rank whose agent died meanwhile (its parent is no longer that PID) kills itself.
 
-Not here: recipe validation and the run directory (`tools/launch.py` does both first).
+Not here: recipe validation, the run directory and its lock (`tools/launch.py` does them
+first, and holds `RUN_DIR/launch.lock` around `run_local` for the run's duration).
 """
 
 from __future__ import annotations

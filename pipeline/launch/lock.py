@@ -29,7 +29,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -193,9 +193,10 @@ def check_free(run_dir: Path) -> LockInfo | None:
     return info
 
 
-def acquire(run_dir: Path) -> LockInfo:
+def acquire(run_dir: Path, warn: Callable[[str], None] | None = None) -> LockInfo:
     """Take `run_dir` for this process (no job id yet); a stale lock is taken over, with a
-    warning naming its holder. Raises RunDirBusy when a live (or unknowable) holder has it."""
+    warning naming its holder (through `warn`, default the log). Raises RunDirBusy when a live
+    (or unknowable) holder has it."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with _guard(run_dir):
@@ -204,7 +205,9 @@ def acquire(run_dir: Path) -> LockInfo:
             alive, why = holder_alive(old)
             if alive is not False:
                 raise _busy(run_dir, old, alive, why)
-            log.warning("taking over the stale lock of %s in %s: %s", old.describe(), run_dir, why)
+            (warn or log.warning)(
+                f"taking over the stale lock of {old.describe()} in {run_dir}: {why}"
+            )
         pid = os.getpid()
         info = LockInfo(socket.gethostname(), pid, _pid_started(pid), None, time.time())
         _write(run_dir, info)

@@ -135,3 +135,5 @@ def submit_checked(recipe: Recipe, run_dir: Path, config: Path, stages: list[str
         raise LaunchError(f"sbatch failed: {_sbatch_message(stderr)}; nothing submitted") from None
     except (OSError, subprocess.SubprocessError) as e:
         raise LaunchError(f"sbatch could not run: {e}; nothing submitted") from None
+    except RuntimeError as e:  # submitit's own checks, e.g. no `srun` on PATH
+        raise LaunchError(f"cannot submit: {e}; nothing submitted") from None
