@@ -142,7 +142,8 @@ def _torch_save_atomic(obj: Any, path: Path) -> tuple[int, str]:
     with atomic_file(path) as f:
         writer = HashingWriter(f)
         torch.save(obj, writer)
-    return writer.size, writer.hexdigest()
+        digest = writer.hexdigest()  # writes out the last buffered bytes before the fsync
+    return writer.size, digest
 
 
 def _torch_load(path: Path) -> Any:
@@ -166,7 +167,10 @@ class _RecordingCheckpointEngine:
                 writer,
                 _use_new_zipfile_serialization=self.inner.zipfile_serialization,
             )
-        self.records[os.path.abspath(path)] = (writer.size, writer.hexdigest())
+            digest = writer.hexdigest()  # writes out the last buffered bytes
+            # Flushed to disk by the rank that wrote it: another node's fsync cannot do that.
+            os.fsync(f.fileno())
+        self.records[os.path.abspath(path)] = (writer.size, digest)
 
     def load(self, path: str, map_location: Any = None) -> Any:
         return safe_load.load(Path(path), deepspeed=True, map_location=map_location)
@@ -416,14 +420,14 @@ class CheckpointManager:
     ) -> None:
         files = {}
         for path in _list_files(tag_dir):
-            _fsync(path)  # DeepSpeed writes without fsync: flush before declaring it committed
             rel = path.relative_to(tag_dir).as_posix()
             size = path.stat().st_size
             recorded = digests.get(rel)
             if recorded is None or recorded[0] != size:
                 # Written past the recording wrappers (another DeepSpeed checkpoint engine, a
-                # helper script it copies): hash it now, once.
+                # helper script it copies), so neither hashed nor fsynced yet: do both now.
                 log.debug("hashing %s at commit (not recorded while written)", path)
+                _fsync(path)
                 recorded = file_digest(path)
             files[rel] = {"size": size, HASH: recorded[1]}
         for rank in range(self.world_size):  # cheap guard against a rank that wrote elsewhere
