@@ -129,3 +129,22 @@ def test_sbatch_script_asks_for_the_handled_signal_and_kills_on_a_bad_exit(tmp_p
 def test_a_signal_the_trainer_would_not_handle_is_refused(tmp_path, spec):
     with pytest.raises(ValueError, match="USR1@<seconds>"):
         _sbatch_script(tmp_path, f"launch.sbatch_args=[--signal={spec}]")
+
+
+def test_a_task_srun_started_takes_its_rank_from_slurm(monkeypatch):
+    """slurm/sbatch_template.sh runs `python -m pipeline.stages` under srun: no RANK set there."""
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR"):
+        monkeypatch.setenv(name, "")  # recorded, so that what the test sets is undone after
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    slurm.adopt_srun_task()
+    assert (os.environ["RANK"], os.environ["LOCAL_RANK"], os.environ["WORLD_SIZE"]) == (
+        "3",
+        "1",
+        "4",
+    )
+    monkeypatch.setenv("RANK", "0")  # what a launcher set wins
+    slurm.adopt_srun_task()
+    assert os.environ["RANK"] == "0"
