@@ -457,7 +457,7 @@ def recipe_hash(recipe: Recipe, exclude: Sequence[str] = ("launch",)) -> str:
 # (stages, eval, data.val), how it logs and checkpoints, how long it trains, and a few knobs
 # that change speed or failure handling but not the numbers (data.workers: the stream re-lays
 # out what is left of the epoch; model.grad_checkpointing: recomputes the same activations). Any
-# other change (model, method, optimizer, batch, precision, training data, seed) would resume a
+# other change (model, method, optimizer, precision, training data, seed) would resume a
 # checkpoint under a different recipe, and is refused.
 RESUMABLE_KEYS: tuple[str, ...] = (
     "run.dir",
@@ -469,6 +469,11 @@ RESUMABLE_KEYS: tuple[str, ...] = (
     "checkpoint",
     "train.epochs",
     "train.steps",
+    # Per-rank batch and accumulation may change with the world size as long as their product
+    # with it, the global batch, stays: tools/launch.py adjusts grad_accum to keep it, and the
+    # trainer refuses a resume at another global batch.
+    "train.batch_size",
+    "train.grad_accum",
     "train.nan_policy",
     "data.val",
     "data.workers",

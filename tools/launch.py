@@ -15,9 +15,13 @@ A failing `sbatch` is reported as one line with sbatch's own message (exit statu
 Run directory: a recipe launched into a RUN_DIR that holds one resumes it, and may differ from it
 only in keys that do not change what the checkpoints mean: run.dir, run.name, launch.*, stages,
 eval.*, log.*, checkpoint.*, train.epochs / train.steps (a longer run continues from the last
-checkpoint), train.nan_policy, data.val.*, data.workers, data.max_bad_fraction,
-model.grad_checkpointing. Any other difference (model, method, optimizer, batch, precision,
-training data, seed) is refused, naming the keys. An accepted recipe replaces RUN_DIR/config.yaml.
+checkpoint), train.batch_size / train.grad_accum (keeping the global batch), train.nan_policy,
+data.val.*, data.workers, data.max_bad_fraction, model.grad_checkpointing. Resumed on another
+number of ranks (--nproc, --nodes), a run keeps its global batch (train.batch_size x
+train.grad_accum x ranks): train.grad_accum is adjusted, and printed; where no whole value keeps
+it, the launch is refused saying what to set. Any other difference (model, method, optimizer,
+precision, training data, seed) is refused, naming the keys. An accepted recipe replaces
+RUN_DIR/config.yaml.
 
 One writer per run directory: RUN_DIR/launch.lock names the SLURM job (or none), host and pid
 of the launch that writes there. A launch into a live run is refused naming it; a stale lock
@@ -56,6 +60,8 @@ from pipeline.launch.preflight import (
     check_writable,
     submit_checked,
 )
+from pipeline.launch.slurm import tasks_per_node
+from pipeline.launch.world import keep_global_batch
 
 # Launcher options -> recipe keys (the options override `launch.*`).
 OPTION_KEYS = {
@@ -167,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = Path(recipe.run.dir) / recipe.run.name
         stages = args.stage or list(recipe.stages)
         local, why = choose_mode(args, recipe)
+        notes: list[str] = []
+        if "pretrain" in stages:
+            world = recipe.launch.nproc if local else recipe.launch.nodes * tasks_per_node(recipe)
+            recipe, note = keep_global_batch(recipe, run_dir, world)
+            notes += [note] if note else []
         changes = check_run_dir(recipe, run_dir)
         mode = f"local mode: {why}" if local else f"SLURM mode: {why}"
         if args.dry_run:  # a plan, often made away from the data: checks are reported, not fatal
@@ -188,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     print(mode, file=sys.stderr)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    for note in notes:
+        print(note, file=sys.stderr)
     for key, (old, new) in changes.items():
         print(f"{run_dir}: {key} changed, {_short(old)} -> {_short(new)}", file=sys.stderr)
     config = run_dir / "config.yaml"

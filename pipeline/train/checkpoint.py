@@ -442,6 +442,11 @@ class CheckpointManager:
             "zero_stage": int(engine.zero_optimization_stage()),
             "recipe_hash": self.recipe_hash,
             "client_keys": sorted(client_state),
+            # Plain figures of the client state (step, samples, global batch, ...), readable by
+            # a launcher without loading anything.
+            "progress": {
+                k: v for k, v in client_state.items() if isinstance(v, (bool, int, float, str))
+            },
             "shared": sorted(shared),
             "created": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="seconds"),
             "created_unix": now,

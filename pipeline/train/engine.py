@@ -32,7 +32,7 @@ from pipeline.data.transforms import DeviceAugment, normalize
 from pipeline.methods.dino import DINO, make_teacher
 from pipeline.methods.mae import MAE
 from pipeline.models import build_backbone
-from pipeline.train.checkpoint import CheckpointManager, rng_state, set_rng_state
+from pipeline.train.checkpoint import CheckpointError, CheckpointManager, rng_state, set_rng_state
 from pipeline.train.distributed import DistEnv, all_reduce_sum, every_rank, init_distributed
 from pipeline.train.metrics import MetricsWriter, SampleLog, peak_memory_gb
 from pipeline.train.preemption import StopFlag
@@ -252,7 +252,7 @@ def pretrain(
     sched = Schedules(recipe.optim, recipe.method.dino if method == "dino" else None,
                       steps_per_epoch, total, global_batch)  # fmt: skip
 
-    step = _resume(ckpt, resume_tag, engine, loader, ctx.teacher, env)
+    step = _resume(ckpt, resume_tag, engine, loader, ctx.teacher, env, global_batch)
     if step == 0 and env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, run_dir / "config.yaml")
@@ -262,7 +262,12 @@ def pretrain(
         ckpt.save(
             engine,
             step,
-            client_state={"step": step, "epoch": loader.epoch},
+            client_state={
+                "step": step,
+                "epoch": loader.epoch,
+                "samples": step * global_batch,
+                "global_batch": global_batch,
+            },
             rank_state={"data": loader.state_dict(), "rng": rng_state()},
             shared={"teacher": teacher_state} if teacher_state is not None else None,
         )
@@ -301,6 +306,7 @@ def pretrain(
             if logs and step % recipe.log.every_steps == 0:
                 record = {
                     "step": step,
+                    "samples": step * global_batch,
                     "epoch": round(sched.epoch(step), 4),
                     **logs,
                     "lr": values["lr"],
@@ -356,15 +362,28 @@ def _resume(
     loader: Any,
     teacher: Teacher | None,
     env: DistEnv,
+    global_batch: int,
 ) -> int:
     """Load the committed checkpoint `tag`, if any; returns the step to continue from.
 
-    ZeRO-3 optimizer state cannot move to another world size: then the weights, the teacher and
-    the data position are loaded, and the optimizer starts afresh (with a warning).
+    The global batch (per-rank batch x accumulation x ranks) must be the one the run was trained
+    with: steps, epochs and every schedule are counted in it (`tools/launch.py` keeps it across
+    a change of world size by adjusting `train.grad_accum`). ZeRO-3 optimizer state cannot move
+    to another world size: then the weights, the teacher and the data position are loaded, and
+    the optimizer starts afresh (with a warning).
     """
     if tag is None:
         return 0
     info = ckpt.commit_info(tag)
+    saved_batch = info.get("progress", {}).get("global_batch")
+    if saved_batch is not None and saved_batch != global_batch:
+        raise CheckpointError(
+            f"{tag} was trained with a global batch of {saved_batch} images per step "
+            f"(train.batch_size x train.grad_accum x {info['world_size']} ranks); this run has "
+            f"{global_batch}. Steps and schedules are counted in the run's global batch: launch "
+            f"through tools/launch.py (it adjusts train.grad_accum for a new world size) or set "
+            f"train.batch_size x train.grad_accum x ranks = {saved_batch}."
+        )
     load_optimizer = not (info["zero_stage"] == 3 and info["world_size"] != env.world_size)
     if not load_optimizer and env.is_main:
         log.warning(
