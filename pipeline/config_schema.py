@@ -144,7 +144,8 @@ class ValShards:
 
 @dataclass(kw_only=True)
 class CropsConfig:
-    """`data.crops`: random-resized crops cut and resized in uint8 on the CPU workers."""
+    """`data.crops`: random-resized crops, cut and resized in uint8 on the CPU workers, or on the
+    training device (`on_device`: the workers only decode and sample the boxes)."""
 
     global_size: int = _f(224, "DINO global crop side in pixels")
     global_scale: tuple[float, float] = _f((0.32, 1.0), "DINO global crop area range")
@@ -155,9 +156,15 @@ class CropsConfig:
     mae_scale: tuple[float, float] = _f((0.2, 1.0), "MAE / SimMIM crop area range")
     ratio: tuple[float, float] = _f((0.75, 4 / 3), "aspect-ratio range of every random crop")
     hflip: float = _f(0.5, "probability of a horizontal flip")
+    on_device: bool | None = _f(
+        None, "cut and resize the crops on the training device; null = when it is a GPU"
+    )
+    device_max_side: int | None = _f(
+        None, "on_device: workers reduce images to about this longer side where the crops allow"
+    )
 
     def __post_init__(self) -> None:
-        _at_least("data.crops", self, 1, "global_size", "local_size", "mae_size")
+        _at_least("data.crops", self, 1, "global_size", "local_size", "mae_size", "device_max_side")
         _at_least("data.crops", self, 0, "local_number")
         _fraction("data.crops", self, "global_scale", "local_scale", "mae_scale", "hflip")
         for name in ("global_scale", "local_scale", "mae_scale", "ratio"):
@@ -232,6 +239,11 @@ class DataConfig:
         _at_least("data", self, 0, "workers", "shuffle_buffer")
         _at_least("data", self, 1, "eval_crop")
         _fraction("data", self, "max_bad_fraction")
+        _check(
+            not (self.crops.on_device and self.buckets.navit),
+            "data.crops.on_device=true does not apply to data.buckets.navit=true (NaViT packs "
+            "views cut on the CPU): set one of them to false.",
+        )
         _check(
             self.eval_resize >= self.eval_crop,
             f"data.eval_resize={self.eval_resize} must be >= data.eval_crop={self.eval_crop}.",
