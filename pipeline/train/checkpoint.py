@@ -71,6 +71,7 @@ VERIFY_MODES = ("content", "size")
 _TAG_RE = re.compile(r"^step-(\d{8})$")
 _SHARED_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _UNIVERSAL_DIR = "universal"  # DeepSpeed universal copy of a tag, made on a world-size change
+_FROZEN_FRAGMENTS = "frozen_param_fragments"  # ZeRO-3: each rank's slice of frozen parameters
 
 
 class CheckpointError(RuntimeError):
@@ -158,6 +159,10 @@ class _RecordingCheckpointEngine:
     def __init__(self, inner: Any, records: dict[str, tuple[int, str]]) -> None:
         self.inner = inner
         self.records = records
+        # Set while DeepSpeed loads ZeRO-3 weights saved at another world size: its per-rank
+        # frozen-parameter fragments are partitions of the old layout, which it would copy
+        # into the new one; they are restored by `_restore_frozen` instead.
+        self.drop_frozen = False
 
     def save(self, state_dict: Any, path: str) -> None:
         with open(path, "wb") as f:
@@ -173,7 +178,10 @@ class _RecordingCheckpointEngine:
         self.records[os.path.abspath(path)] = (writer.size, digest)
 
     def load(self, path: str, map_location: Any = None) -> Any:
-        return safe_load.load(Path(path), deepspeed=True, map_location=map_location)
+        state = safe_load.load(Path(path), deepspeed=True, map_location=map_location)
+        if self.drop_frozen and isinstance(state, dict):
+            state.pop(_FROZEN_FRAGMENTS, None)
+        return state
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -633,15 +641,23 @@ class CheckpointManager:
                 error = e
         self._agree(error, engine, f"preparing the ZeRO-3 weight load of {tag_dir}")
         ds_client = None
+        _install_recording(engine, self._written)
+        recorder = engine.checkpoint_engine
+        resharding = saved_ws != self.world_size
         try:
+            recorder.drop_frozen = resharding
             _, ds_client = engine.load_checkpoint(
                 str(alias),
                 tag=tag_dir.name,
                 load_optimizer_states=False,
                 load_lr_scheduler_states=False,
             )
+            if resharding:
+                _restore_frozen(engine, tag_dir, saved_ws, self.rank)
         except Exception as e:
             error = e
+        finally:
+            recorder.drop_frozen = False
         try:
             self._agree(error, engine, f"loading the weights of {tag_dir}")
         finally:  # every rank has finished reading through the links
@@ -678,6 +694,34 @@ class CheckpointManager:
             raise CheckpointError(f"rank {self.rank} failed {what}: {error}") from error
         if failed:
             raise CheckpointError(f"another rank failed {what}")
+
+
+def _restore_frozen(engine: Any, tag_dir: Path, saved_ws: int, rank: int) -> None:
+    """ZeRO-3 at a new world size: put this rank's slice of every frozen parameter in place.
+
+    Each saved rank kept its slice of the flattened (padded) tensor; joined in rank order they
+    give the whole tensor, which is cut again for the new layout (slice `rank` of
+    `ds_tensor.numel()` values, zero padding past the end)."""
+    frozen = [
+        p for p in engine.module.parameters() if not p.requires_grad and hasattr(p, "ds_tensor")
+    ]
+    if not frozen:
+        return
+    pieces: dict[str, list[torch.Tensor]] = {}
+    for r in range(saved_ws):
+        state = _torch_load(tag_dir / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")
+        for name, fragment in (state.get(_FROZEN_FRAGMENTS) or {}).items():
+            pieces.setdefault(name, []).append(fragment.reshape(-1))
+    for param in frozen:
+        name = engine.param_names[param]
+        if name not in pieces:
+            raise CheckpointError(f"{tag_dir} holds no saved slices of the frozen {name}")
+        whole = torch.cat(pieces[name])[: param.ds_numel]
+        size = param.ds_tensor.numel()
+        part = torch.zeros(size, dtype=param.ds_tensor.dtype)
+        piece = whole[rank * size : (rank + 1) * size]
+        part[: piece.numel()] = piece
+        param.ds_tensor.data.copy_(part.to(param.ds_tensor.device))
 
 
 def _make_alias(alias: Path, tag_dir: Path, saved_ws: int, world_size: int) -> None:

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.config import Recipe, recipe_hash, save_recipe
+from pipeline.data.device_crops import device_views, to_device
 from pipeline.data.loader import build_train_loader
 from pipeline.data.transforms import DeviceAugment, normalize
 from pipeline.methods.dino import DINO, make_teacher
@@ -36,7 +37,7 @@ from pipeline.train.checkpoint import CheckpointError, CheckpointManager, rng_st
 from pipeline.train.distributed import DistEnv, all_reduce_sum, every_rank, init_distributed
 from pipeline.train.metrics import MetricsWriter, SampleLog, peak_memory_gb
 from pipeline.train.preemption import StopFlag
-from pipeline.train.schedules import Schedules
+from pipeline.train.schedules import Schedules, rewarm_factor
 from pipeline.train.teacher import Teacher, build_teacher
 from pipeline.train.weights import init_method, method_weights
 
@@ -148,7 +149,7 @@ def train_step(engine: Any, batch: dict, values: dict[str, float], ctx: StepCont
 
     The teacher's EMA and the DINO centre move at optimizer-step boundaries only.
     """
-    views = [v.to(ctx.device, non_blocking=True) for v in batch["views"]]
+    views = to_device(batch["views"], ctx.device)  # uint8 views, or a CropBatch to cut there
     views = [v.to(ctx.dtype) for v in ctx.augment(views, ctx.generator)]
     if ctx.method == "dino":
         teacher_out = ctx.teacher.forward(views[:2])
@@ -252,7 +253,11 @@ def pretrain(
     sched = Schedules(recipe.optim, recipe.method.dino if method == "dino" else None,
                       steps_per_epoch, total, global_batch)  # fmt: skip
 
-    step = _resume(ckpt, resume_tag, engine, loader, ctx.teacher, env, global_batch)
+    step, fresh_moments = _resume(ckpt, resume_tag, engine, loader, ctx.teacher, env, global_batch)
+    rewarm_from = step if fresh_moments else None
+    if rewarm_from is not None and env.is_main:
+        log.warning("re-warming the learning rate over %d steps from step %d (fresh AdamW moments)",
+                    sched.rewarm_steps, step)  # fmt: skip
     if step == 0 and env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, run_dir / "config.yaml")
@@ -288,6 +293,8 @@ def pretrain(
     try:
         while step < total:
             values = {"step": step, **sched.at(step)}
+            if rewarm_from is not None:
+                values["lr"] *= rewarm_factor(step, rewarm_from, sched.rewarm_steps)
             _set_schedules(optimizer, values, sched.epoch(step) < _freeze_epochs(recipe))
             ctx.generator.manual_seed(step_seed(recipe.run.seed, step, env.rank))
             data_time, ids = 0.0, []
@@ -364,7 +371,8 @@ def _resume(
     env: DistEnv,
     global_batch: int,
 ) -> int:
-    """Load the committed checkpoint `tag`, if any; returns the step to continue from.
+    """Load the committed checkpoint `tag`, if any; returns the step to continue from and whether
+    the AdamW moments start afresh (the caller re-warms the learning rate then).
 
     The global batch (per-rank batch x accumulation x ranks) must be the one the run was trained
     with: steps, epochs and every schedule are counted in it (`tools/launch.py` keeps it across
@@ -373,7 +381,7 @@ def _resume(
     the optimizer starts afresh (with a warning).
     """
     if tag is None:
-        return 0
+        return 0, False
     info = ckpt.commit_info(tag)
     saved_batch = info.get("progress", {}).get("global_batch")
     if saved_batch is not None and saved_batch != global_batch:
@@ -388,7 +396,7 @@ def _resume(
     if not load_optimizer and env.is_main:
         log.warning(
             "%s was saved by %d ZeRO-3 ranks, now %d: loading weights only; AdamW moments "
-            "start from zero",
+            "start from zero and the learning rate re-warms",
             tag,
             info["world_size"],
             env.world_size,
@@ -400,7 +408,7 @@ def _resume(
         teacher.load_state_dict(shared["teacher"])
     if env.is_main:
         log.info("resumed from %s at step %d", tag, client["step"])
-    return int(client["step"])
+    return int(client["step"]), not load_optimizer
 
 
 def _grad_norm(engine: Any) -> float | None:
@@ -416,8 +424,10 @@ def _freeze_epochs(recipe: Recipe) -> float:
 
 
 def _augment_fn(recipe: Recipe) -> Callable[[list[torch.Tensor], torch.Generator], list]:
-    """DINO: the batched colour recipe; MAE: flips were done on the CPU, so normalise only."""
+    """DINO: the batched colour recipe; MAE: flips were done with the crops, so normalise only.
+    Crops cut on the device (`data.crops.on_device`) arrive as a CropBatch and are cut first."""
     color = recipe.data.color
     if recipe.method.name == "dino":
-        return DeviceAugment(color, num_global=2)
-    return lambda views, generator: normalize(views, color.mean, color.std)
+        augment = DeviceAugment(color, num_global=2)
+        return lambda views, generator: augment(device_views(views), generator)
+    return lambda views, generator: normalize(device_views(views), color.mean, color.std)

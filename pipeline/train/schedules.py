@@ -32,6 +32,13 @@ def learning_rate(step: int, *, peak: float, min_lr: float, warmup: int, total: 
     return cosine((step - warmup) / max(total - warmup, 1), peak, min_lr)
 
 
+def rewarm_factor(step: int, start: int, length: int) -> float:
+    """Multiplier of the learning rate after a resume whose AdamW moments restarted from zero at
+    `start`: linear from 1/length to 1 over `length` steps (fresh moments at full lr would make
+    the first updates as large as at the start of training, a loss-spike risk)."""
+    return min(1.0, (step - start + 1) / max(length, 1))
+
+
 def teacher_temperature(
     epoch: float, *, warmup_temp: float, temp: float, warmup_epochs: float
 ) -> float:
@@ -58,6 +65,12 @@ class Schedules:
     @property
     def warmup_steps(self) -> int:
         return round(self.optim.warmup_epochs * self.steps_per_epoch)
+
+    @property
+    def rewarm_steps(self) -> int:
+        """Length of the learning-rate re-warm-up after a resume with fresh AdamW moments: the
+        recipe's warm-up, or 1% of the run where it has none."""
+        return max(self.warmup_steps, math.ceil(0.01 * self.total_steps), 1)
 
     def epoch(self, step: int) -> float:
         """Fractional epoch at `step`."""
