@@ -347,3 +347,12 @@ def test_dump_is_yaml_with_flow_lists(tmp_path):
     text = dump_recipe(load_recipe(minimal(tmp_path)))
     assert "global_scale: [0.32, 1.0]" in text
     assert yaml.safe_load(text)["run"]["name"] == "test"
+
+
+def test_nan_skip_with_accumulation_is_refused_naming_both_keys():
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "debug" / "dino_tiny.yaml"
+    with pytest.raises(RecipeError, match=r"train\.nan_policy=skip needs train\.grad_accum=1"):
+        load_recipe(recipe, ["train.nan_policy=skip", "train.grad_accum=2"])
+    assert load_recipe(recipe, ["train.nan_policy=skip"]).train.nan_policy == "skip"

@@ -44,3 +44,20 @@ def test_schedules_from_recipe_sections():
 
 def test_teacher_temperature_without_warmup():
     assert teacher_temperature(0, warmup_temp=0.04, temp=0.07, warmup_epochs=0) == 0.07
+
+
+def test_rewarm_factor_ramps_from_the_resumed_step_to_one():
+    from pipeline.train.schedules import rewarm_factor
+
+    assert [rewarm_factor(s, 10, 4) for s in range(10, 16)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert rewarm_factor(3, 3, 0) == 1.0
+
+
+def test_step_seeds_are_distinct_for_4096_ranks_over_many_steps():
+    from pipeline.train.engine import step_seed
+
+    seeds = {step_seed(0, step, rank) for step in range(0, 2000, 37) for rank in range(4096)}
+    assert len(seeds) == 4096 * len(range(0, 2000, 37))
+    assert all(0 <= s < 2**63 for s in seeds)  # torch.Generator.manual_seed takes any of them
+    # The old linear mix collided as soon as a rank number reached 1009 (one step's stride).
+    assert step_seed(0, 1, 0) != step_seed(0, 0, 1009)
