@@ -26,6 +26,7 @@ from pipeline.data.buckets import (
     buckets_from_config,
     local_shape,
 )
+from pipeline.data.device_crops import DevicePrefetch, collate_decoded
 from pipeline.data.packing import PackedBatch, pack_images
 from pipeline.data.stream import ShardLoader
 from pipeline.data.transforms import DinoCrops, EvalCrop, MaeCrop, ResizeTo, collate_views
@@ -108,6 +109,24 @@ class PackCollate:
         return pack_images(images, self.patch, self.seq_len, self.prefix)
 
 
+def crops_on_device(data: DataConfig) -> bool:
+    """Whether the training crops are cut on the device: `data.crops.on_device`, and where it is
+    null, when the training device is a GPU. NaViT packing always cuts on the CPU."""
+    if data.buckets.navit:
+        return False
+    if data.crops.on_device is None:
+        return torch.cuda.is_available()
+    return data.crops.on_device
+
+
+def _device_kwargs(on_device: bool) -> dict[str, Any]:
+    """Pinned batches and a one-batch-ahead copy to this rank's GPU, for crops cut there."""
+    if not (on_device and torch.cuda.is_available()):
+        return {}
+    device = torch.device("cuda", torch.cuda.current_device())
+    return {"pin_memory": True, "prefetch": DevicePrefetch(device)}
+
+
 def build_train_loader(
     data: DataConfig,
     *,
@@ -122,11 +141,14 @@ def build_train_loader(
 ) -> ShardLoader:
     """The pretraining loader for `method` ("dino" | "mae") on a backbone of input `stride`.
 
-    With NaViT packing, `batch_size` counts packed sequences, not images.
+    With NaViT packing, `batch_size` counts packed sequences, not images. With crops on the
+    device (`crops_on_device`), batches hold a `CropBatch` for `device_crops.cut_views`.
     """
-    transform: Callable[..., list[np.ndarray]]
-    transform = DinoCrops(data.crops) if method == "dino" else MaeCrop(data.crops)
-    collate: Callable[[list[list[np.ndarray]]], Any] = collate_views
+    on_device = crops_on_device(data)
+    transform: Callable[..., Any]
+    maker = DinoCrops if method == "dino" else MaeCrop
+    transform = maker(data.crops, on_device=on_device)
+    collate: Callable[[list[Any]], Any] = collate_decoded if on_device else collate_views
     grouper = None
     if data.buckets.navit:
         transform = ResizeTo(data.crops.hflip)
@@ -148,6 +170,7 @@ def build_train_loader(
         max_bad_fraction=data.max_bad_fraction,
         grouper=grouper,
         agree=agree,
+        **_device_kwargs(on_device),
     )
 
 
@@ -159,12 +182,19 @@ def build_eval_loader(
     rank: int,
     world_size: int,
     seed: int = 0,
+    on_device: bool = False,
 ) -> ShardLoader:
-    """Evaluation: every sample once, in a fixed order, resized and centre-cropped."""
+    """Evaluation: every sample once, in a fixed order, resized and centre-cropped (on_device:
+    batches hold a `CropBatch` for `device_crops.cut_views`)."""
     return ShardLoader(
         shards,
-        transform=EvalCrop(data.eval_resize, data.eval_crop),
-        collate=collate_views,
+        transform=EvalCrop(
+            data.eval_resize,
+            data.eval_crop,
+            on_device=on_device,
+            max_side=data.crops.device_max_side,
+        ),
+        collate=collate_decoded if on_device else collate_views,
         batch_size=batch_size,
         rank=rank,
         world_size=world_size,
@@ -173,4 +203,5 @@ def build_eval_loader(
         mode="exact",
         shuffle_buffer=0,
         max_bad_fraction=data.max_bad_fraction,
+        **_device_kwargs(on_device),
     )

@@ -32,7 +32,7 @@ import logging
 import random
 import tarfile
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -51,9 +51,10 @@ log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 STATE_VERSION = 1
 
-# transform(image bytes, rng, **shape) -> views (H, W, 3) uint8; collate(views of a batch) -> batch.
-Transform = Callable[..., list[np.ndarray]]
-Collate = Callable[[list[list[np.ndarray]]], Any]
+# transform(image bytes, rng, **shape) -> one sample's views (uint8 arrays), or what the device
+# cuts them from (device_crops.Decoded); collate(the samples of a batch) -> the batch's views.
+Transform = Callable[..., Any]
+Collate = Callable[[list[Any]], Any]
 # grouper(raw samples) -> groups of (raw sample, transform keywords): aspect buckets, NaViT rows.
 Grouper = Callable[[Iterator[dict]], Iterator[list[tuple[dict, dict[str, Any]]]]]
 
@@ -501,8 +502,9 @@ class _Position:
 class ShardLoader:
     """Batches for one rank, with a resumable position. Iterating runs the rest of one epoch.
 
-    Each batch is a dict: `views` (list of uint8 (B, 4, H, W) RGBX tensors), `label` (B,) with
-    -1 for unlabelled, `id` (B,) global sample ids with -1 for padding repeats.
+    Each batch is a dict: `views` (list of uint8 (B, 4, H, W) RGBX tensors, or whatever `collate`
+    makes: a `CropBatch` for crops cut on the device), `label` (B,) with -1 for unlabelled, `id`
+    (B,) global sample ids with -1 for padding repeats.
     """
 
     def __init__(
@@ -522,6 +524,8 @@ class ShardLoader:
         steps_per_epoch: int | None = None,
         grouper: Grouper | None = None,
         agree: Callable[[bool], bool] | None = None,
+        pin_memory: bool = False,
+        prefetch: Callable[[dict], dict] | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
@@ -539,6 +543,9 @@ class ShardLoader:
             raise ValueError("grouped batches (buckets, NaViT) need mode='exact'")
         # Resampled mode has no natural epoch; an "epoch" is this many batches.
         self.steps_per_epoch = steps_per_epoch or -(-self.total // (batch_size * world_size))
+        # Crops cut on the device: batches come pinned (page-locked) and `prefetch` starts each
+        # batch's copy to the device one batch ahead of handing it out (see `_ahead`).
+        self.pin_memory, self.prefetch = pin_memory, prefetch
         self.pos = _Position()
 
     # Layout --------------------------------------------------------------------------------
@@ -568,14 +575,34 @@ class ShardLoader:
 
     # Iteration -----------------------------------------------------------------------------
 
-    def _loader(self, dataset: IterableDataset) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=None,
-            num_workers=self.workers,
-            persistent_workers=False,
-            prefetch_factor=2 if self.workers else None,
+    def _loader(self, dataset: IterableDataset) -> Iterator[dict]:
+        return self._ahead(
+            DataLoader(
+                dataset,
+                batch_size=None,
+                num_workers=self.workers,
+                persistent_workers=False,
+                prefetch_factor=2 if self.workers else None,
+                pin_memory=self.pin_memory,
+            )
         )
+
+    def _ahead(self, batches: Iterable[dict]) -> Iterator[dict]:
+        """The workers' batches; with `prefetch`, each one is passed to it (a non-blocking copy
+        to the device) when it arrives, and handed out only once the next one has arrived too:
+        the next batch's copy then runs during the current step. The position counts a batch
+        when it is handed out (`_account`), so the one read ahead is not consumed."""
+        if self.prefetch is None:
+            yield from batches
+            return
+        held = None
+        for batch in batches:
+            batch = self.prefetch(batch) if batch.get("views") is not None else batch
+            if held is not None:
+                yield held
+            held = batch
+        if held is not None:
+            yield held
 
     def __iter__(self) -> Iterator[dict]:
         if self.mode == "resampled":

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.config import ColorConfig, CropsConfig
+from pipeline.data.device_crops import Decoded
 
 __all__ = [
     "DeviceAugment",
@@ -203,30 +204,52 @@ def draft_factor(boxes: Sequence[Box], out_hw: Sequence[tuple[int, int]]) -> int
     return 1
 
 
+def _shrink_boxes(boxes: Sequence[Box], s: int, size: tuple[int, int]) -> list[Box]:
+    """Boxes in the coordinates of the image reduced s times (now (height, width) = size).
+
+    Reduced pixel i covers full-resolution pixels [i*s, (i+1)*s): floor the start, ceil the end,
+    so every mapped box still holds at least its output size."""
+    dh, dw = size
+    return [
+        (x0 // s, y0 // s, min(-(-x1 // s), dw), min(-(-y1 // s), dh)) for x0, y0, x1, y1 in boxes
+    ]
+
+
 def _decode_for_boxes(
-    img: Image.Image, boxes: list[Box], out_hw: Sequence[tuple[int, int]]
+    img: Image.Image,
+    boxes: list[Box],
+    out_hw: Sequence[tuple[int, int]],
+    max_side: int | None = None,
 ) -> tuple[np.ndarray, list[Box]]:
     """Decode `img` (opened, not loaded) at the largest draft scale the boxes allow.
 
+    With `max_side`, the longer side is brought to at most `max_side` whatever the boxes need (a
+    larger draft scale, then Pillow's box-average `reduce` by a whole factor): it bounds the bytes
+    of every image, and a box left smaller than its output is then upsampled.
     Returns the (H', W', 4) uint8 RGBX pixels and the boxes in their coordinates."""
     width, height = img.size
     s = draft_factor(boxes, out_hw) if img.format == "JPEG" else 1
+    if max_side is not None and img.format == "JPEG":
+        s = max(s, next((f for f in (1, 2, 4) if -(-max(width, height) // f) <= max_side), 8))
     if s > 1:
         # Asking for exactly size // s makes Pillow pick reduction s (see JpegImageFile.draft).
         got = img.draft("RGB", (max(1, width // s), max(1, height // s)))
         s = round(width / got[1][2]) if got is not None else 1
-    pixels = _pixels(_as_rgb(img))
+    rgb = _as_rgb(img)
+    if s > 1:
+        boxes = _shrink_boxes(boxes, s, rgb.size[::-1])
+    if max_side is not None and max(rgb.size) > max_side:
+        # A whole factor, so the boxes stay whole pixels (and the CPU path can cut the same).
+        r = -(-max(rgb.size) // max_side)
+        reduced = rgb.reduce(r)
+        rgb.close()
+        rgb = reduced
+        boxes = _shrink_boxes(boxes, r, rgb.size[::-1])
+    pixels = _pixels(rgb)
     # Pillow's memory is shared with `pixels` where it can be (then close() only drops the
     # file), else it is freed here, before the views are allocated.
     img.close()
-    if s > 1:
-        # Drafted pixel i covers full-resolution pixels [i*s, (i+1)*s): floor the start, ceil the
-        # end, so every mapped box still holds at least its output size.
-        dh, dw = pixels.shape[:2]
-        boxes = [
-            (x0 // s, y0 // s, min(-(-x1 // s), dw), min(-(-y1 // s), dh))
-            for x0, y0, x1, y1 in boxes
-        ]
+    rgb.close()
     return pixels, boxes
 
 
@@ -340,11 +363,33 @@ def _ratio_range(ratio: tuple[float, float], out_hw: tuple[int, int]) -> tuple[f
     return math.log(ratio[0]) + shift, math.log(ratio[1]) + shift
 
 
-class DinoCrops:
-    """DINO multicrop: 2 global views then `local_number` local views of one image."""
+def _views(
+    img: Image.Image,
+    boxes: list[Box],
+    out_hw: list[tuple[int, int]],
+    flips: list[bool],
+    on_device: bool,
+    max_side: int | None,
+) -> list[np.ndarray] | Decoded:
+    """Decode `img` for its boxes, then cut the views here, or (on_device) ship the pixels and
+    boxes for the device to cut (`device_crops.cut_views`)."""
+    if on_device:
+        pixels, boxes = _decode_for_boxes(img, boxes, out_hw, max_side)
+        return Decoded(pixels, boxes, flips, out_hw)
+    pixels, boxes = _decode_for_boxes(img, boxes, out_hw)
+    return _crop_resize(pixels, boxes, out_hw, flips)
 
-    def __init__(self, crops: CropsConfig):
+
+class DinoCrops:
+    """DINO multicrop: 2 global views then `local_number` local views of one image.
+
+    With `on_device`, the views are not cut here: the call returns a `Decoded` (the pixels, at
+    most `max_side` on the longer side where the boxes allow, and the same seeded boxes and
+    flips), for `collate_decoded` and the device's `cut_views`."""
+
+    def __init__(self, crops: CropsConfig, *, on_device: bool = False):
         self.crops = crops
+        self.on_device = on_device
         self.num_views = 2 + crops.local_number
         self._scales = [crops.global_scale] * 2 + [crops.local_scale] * crops.local_number
 
@@ -354,9 +399,9 @@ class DinoCrops:
         rng: np.random.Generator,
         global_hw: tuple[int, int] | None = None,
         local_hw: tuple[int, int] | None = None,
-    ) -> list[np.ndarray]:
+    ) -> list[np.ndarray] | Decoded:
         """Views as (H, W, 4) uint8 RGBX arrays: global_hw (default square global_size) twice, then
-        local_hw (default square local_size) local_number times."""
+        local_hw (default square local_size) local_number times (on_device: a `Decoded`)."""
         c = self.crops
         global_hw = tuple(global_hw or (c.global_size, c.global_size))
         local_hw = tuple(local_hw or (c.local_size, c.local_size))
@@ -366,20 +411,21 @@ class DinoCrops:
         ] * c.local_number
         img = Image.open(io.BytesIO(data))  # header only: the size, no pixels yet
         boxes, flips = sample_boxes(rng, img.size[::-1], self._scales, log_ratios, c.hflip)
-        pixels, boxes = _decode_for_boxes(img, boxes, out_hw)
-        return _crop_resize(pixels, boxes, out_hw, flips)
+        return _views(img, boxes, out_hw, flips, self.on_device, c.device_max_side)
 
 
 class MaeCrop:
-    """MAE / SimMIM view: one random resized crop (mae_scale, ratio) with a flip."""
+    """MAE / SimMIM view: one random resized crop (mae_scale, ratio) with a flip (on_device: a
+    `Decoded` for the device to cut, as DinoCrops)."""
 
-    def __init__(self, crops: CropsConfig):
+    def __init__(self, crops: CropsConfig, *, on_device: bool = False):
         self.crops = crops
+        self.on_device = on_device
         self.num_views = 1
 
     def __call__(
         self, data: bytes, rng: np.random.Generator, hw: tuple[int, int] | None = None
-    ) -> list[np.ndarray]:
+    ) -> list[np.ndarray] | Decoded:
         """One (H, W, 4) uint8 RGBX view; hw defaults to square mae_size."""
         c = self.crops
         hw = tuple(hw or (c.mae_size, c.mae_size))
@@ -387,25 +433,29 @@ class MaeCrop:
         boxes, flips = sample_boxes(
             rng, img.size[::-1], [c.mae_scale], [_ratio_range(c.ratio, hw)], c.hflip
         )
-        pixels, boxes = _decode_for_boxes(img, boxes, [hw])
-        return _crop_resize(pixels, boxes, [hw], flips)
+        return _views(img, boxes, [hw], flips, self.on_device, c.device_max_side)
 
 
 class EvalCrop:
     """Evaluation view: resize the shorter side to `resize`, then take the centre `crop`.
 
     Done as one crop-then-resize: the centre box is computed in the original image (the
-    largest box of the output's shape, shrunk by crop/resize) and resized once."""
+    largest box of the output's shape, shrunk by crop/resize) and resized once. With
+    `on_device`, returns a `Decoded` for the device to cut (longer side capped at `max_side`
+    where the box allows)."""
 
-    def __init__(self, resize: int, crop: int):
+    def __init__(
+        self, resize: int, crop: int, *, on_device: bool = False, max_side: int | None = None
+    ):
         if not 0 < crop <= resize:
             raise ValueError(f"EvalCrop needs 0 < crop <= resize, got crop={crop}, resize={resize}")
         self.resize, self.crop = resize, crop
+        self.on_device, self.max_side = on_device, max_side
         self.num_views = 1
 
     def __call__(
         self, data: bytes, rng: np.random.Generator | None = None, hw: tuple[int, int] | None = None
-    ) -> list[np.ndarray]:
+    ) -> list[np.ndarray] | Decoded:
         """One (H, W, 4) uint8 RGBX view; hw defaults to (crop, crop). `rng` is unused."""
         hw = tuple(hw or (self.crop, self.crop))
         img = Image.open(io.BytesIO(data))
@@ -415,8 +465,8 @@ class EvalCrop:
         bw = max(1, min(width, round(hw[1] * fit)))
         bh = max(1, min(height, round(hw[0] * fit)))
         x0, y0 = (width - bw) // 2, (height - bh) // 2
-        pixels, boxes = _decode_for_boxes(img, [(x0, y0, x0 + bw, y0 + bh)], [hw])
-        return _crop_resize(pixels, boxes, [hw], [False])
+        box = [(x0, y0, x0 + bw, y0 + bh)]
+        return _views(img, box, [hw], [False], self.on_device, self.max_side)
 
 
 class ResizeTo:
