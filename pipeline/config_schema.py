@@ -160,7 +160,7 @@ class CropsConfig:
         None, "cut and resize the crops on the training device; null = when it is a GPU"
     )
     device_max_side: int | None = _f(
-        None, "on_device: workers reduce images to about this longer side where the crops allow"
+        None, "on_device: workers shrink images to at most this longer side (bounds bytes moved)"
     )
 
     def __post_init__(self) -> None:
