@@ -4,6 +4,7 @@ batched device-side augmentation per image.
     python tools/bench_loader.py --make-photos /tmp/photos --count 300   # test shards from sklearn
     python tools/bench_loader.py /tmp/photos --mode dino --workers 2 --json bench_loader.json
     python tools/bench_loader.py /tmp/photos --mode dino --workers 2 --repeat 3 --phases
+    python tools/bench_loader.py /tmp/photos --mode dino --on-device --workers 2 --batch 256
 
 SHARDS is a folder of WebDataset .tar shards (every *.tar in it; a manifest is not needed). The
 images are read into memory first, so the figures are CPU work only, no I/O. N decode-only
@@ -30,6 +31,13 @@ Decode only = `pipeline.data.transforms.decode` (Pillow, full size, RGB). The tr
 `MaeCrop`, dino: `DinoCrops`, default `CropsConfig`) includes its own decode. The device-side
 figure is `DeviceAugment` (dino, default `ColorConfig`) or `normalize` (mae) on batches of 64
 samples' views already on the device (CUDA if present, else the CPU with one thread).
+
+--on-device measures crops cut on the device (`data.crops.on_device`): the CPU side is then the
+transform built with on_device=True (header, the seeded boxes and flips, the decode with draft
+where every box allows it: no crop, no resize), still against decode only in the same run; the
+device side is `collate_decoded`'s batch moved to the device, cut there (`cut_views`) and
+colour-augmented, per image, with the bytes moved to the device per image next to those of the
+views the CPU path would move.
 """
 
 from __future__ import annotations
@@ -138,7 +146,14 @@ def read_images(shard_dir: Path, limit: int | None) -> list[bytes]:
 
 
 def _worker(
-    role: str, mode: str, worker: int, images: list[bytes], plan: tuple[int, int], barrier, results
+    role: str,
+    mode: str,
+    worker: int,
+    images: list[bytes],
+    plan: tuple[int, int],
+    barrier,
+    results,
+    on_device: bool = False,
 ) -> None:
     """One process, one job: `role` "decode" times decode only, "transform" times the mode's
     transform. Both kinds take turns chunk by chunk (barriers), so a decode-only process never
@@ -165,7 +180,8 @@ def _worker(
         def run(data: bytes) -> None:
             transforms.decode(data)
     else:
-        make = (transforms.DinoCrops if mode == "dino" else transforms.MaeCrop)(CropsConfig())
+        maker = transforms.DinoCrops if mode == "dino" else transforms.MaeCrop
+        make = maker(CropsConfig(), on_device=on_device)
 
         def run(data: bytes) -> None:
             make(data, rng)
@@ -206,7 +222,7 @@ def _next_result(results, procs: list) -> tuple:
 
 
 def _run_pairs(
-    images: list[bytes], mode: str, workers: int, plan: tuple[int, int]
+    images: list[bytes], mode: str, workers: int, plan: tuple[int, int], on_device: bool = False
 ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """One measurement with fresh processes: per role, the (workers, turns, wall/CPU) seconds
     and the minor page faults of its timed turns."""
@@ -219,7 +235,7 @@ def _run_pairs(
     per_worker = len(images) // workers  # equal shares: every process sees as many barriers
     shares = [images[w * per_worker : (w + 1) * per_worker] for w in range(workers)]
     procs = [
-        ctx.Process(target=_worker, args=(role, mode, w, share, plan, barrier, results))
+        ctx.Process(target=_worker, args=(role, mode, w, share, plan, barrier, results, on_device))
         for role in roles
         for w, share in enumerate(shares)
     ]
@@ -237,7 +253,13 @@ def _run_pairs(
 
 
 def bench_cpu(
-    images: list[bytes], mode: str, workers: int, rounds: int, chunk: int, repeat: int = 1
+    images: list[bytes],
+    mode: str,
+    workers: int,
+    rounds: int,
+    chunk: int,
+    repeat: int = 1,
+    on_device: bool = False,
 ) -> dict[str, object]:
     """Per-core images/s of decode and (unless mode is decode) the transform: `workers` decode
     processes and `workers` transform processes, each over its own share of the images, taking
@@ -248,7 +270,7 @@ def bench_cpu(
     # Children inherit these before they import torch/numpy: one thread each.
     os.environ.update(ONE_THREAD)
     per_worker = len(images) // workers
-    runs = [_run_pairs(images, mode, workers, (rounds, chunk)) for _ in range(repeat)]
+    runs = [_run_pairs(images, mode, workers, (rounds, chunk), on_device) for _ in range(repeat)]
     roles = list(runs[0][0])
     # Turns of all repeats side by side: (workers, turns, wall/CPU).
     timed = {role: np.concatenate([t[role] for t, _ in runs], axis=1) for role in roles}
@@ -288,10 +310,14 @@ def bench_cpu(
     return out
 
 
-def bench_phases(images: list[bytes], mode: str, rounds: int) -> dict[str, float]:
+def bench_phases(
+    images: list[bytes], mode: str, rounds: int, on_device: bool = False
+) -> dict[str, float]:
     """Mean CPU microseconds per image of each step of the mode's CPU transform (one process,
     one thread): header, crop boxes, decode + pixels (with draft when the boxes allow), crop +
-    resize (flips included), next to decode only and the whole transform."""
+    resize (flips included), next to decode only and the whole transform. With `on_device` the
+    crop + resize step is replaced by the batch copy (`collate_decoded`, per image), and the
+    transform is the on-device one."""
     import numpy as np
     import torch
     from PIL import Image
@@ -301,16 +327,19 @@ def bench_phases(images: list[bytes], mode: str, rounds: int) -> dict[str, float
 
     torch.set_num_threads(1)
     c = CropsConfig()
+    from pipeline.data.device_crops import Decoded, collate_decoded
+
     if mode == "dino":
-        make = T.DinoCrops(c)
+        make = T.DinoCrops(c, on_device=on_device)
         out_hw = [(c.global_size,) * 2] * 2 + [(c.local_size,) * 2] * c.local_number
         scales = make._scales
     else:
-        make = T.MaeCrop(c)
+        make = T.MaeCrop(c, on_device=on_device)
         out_hw, scales = [(c.mae_size,) * 2], [c.mae_scale]
     log_ratios = [T._ratio_range(c.ratio, hw) for hw in out_hw]
     rng = np.random.default_rng(0)
-    names = ("header", "boxes", "decode + pixels", "crop + resize", "decode only", "transform")
+    cut = "batch copy" if on_device else "crop + resize"
+    names = ("header", "boxes", "decode + pixels", cut, "decode only", "transform")
     spent = dict.fromkeys(names, 0.0)
     for counted in [False] + [True] * rounds:  # the first pass only warms up
         for data in images:
@@ -321,7 +350,10 @@ def bench_phases(images: list[bytes], mode: str, rounds: int) -> dict[str, float
             t.append(time.process_time())
             pixels, boxes = T._decode_for_boxes(img, boxes, out_hw)
             t.append(time.process_time())
-            T._crop_resize(pixels, boxes, out_hw, flips)
+            if on_device:
+                collate_decoded([Decoded(pixels, boxes, flips, out_hw)])
+            else:
+                T._crop_resize(pixels, boxes, out_hw, flips)
             t.append(time.process_time())
             T.decode(data)
             t.append(time.process_time())
@@ -338,34 +370,54 @@ def bench_phases(images: list[bytes], mode: str, rounds: int) -> dict[str, float
 # ------------------------------------------------------------------------------------------------
 
 
-def bench_device(images: list[bytes], mode: str, batch: int, iters: int) -> dict[str, object]:
-    """Images/s of the device-side augmentation on batches of `batch` samples' views."""
+def bench_device(
+    images: list[bytes], mode: str, batch: int, iters: int, on_device: bool = False
+) -> dict[str, object]:
+    """Images/s of the device-side augmentation on batches of `batch` samples' views; with
+    `on_device`, of cutting the views there and augmenting them, with the bytes moved per
+    image."""
     import numpy as np
     import torch
 
     from pipeline.config import ColorConfig, CropsConfig
     from pipeline.data import transforms
+    from pipeline.data.device_crops import collate_decoded, cut_views
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     if not cuda:
         torch.set_num_threads(1)
     crops = CropsConfig()
-    make = transforms.DinoCrops(crops) if mode == "dino" else transforms.MaeCrop(crops)
+    maker = transforms.DinoCrops if mode == "dino" else transforms.MaeCrop
     rng = np.random.default_rng(0)
-    samples = [make(images[i % len(images)], rng) for i in range(batch)]
+    samples = [maker(crops)(images[i % len(images)], rng) for i in range(batch)]
     views = [v.to(device) for v in transforms.collate_views(samples)]
+    moved = {"cpu_views_bytes_per_image": sum(v.numel() for v in views) / batch}
     color = ColorConfig()
     if mode == "dino":
-        augment = transforms.DeviceAugment(color, num_global=2)
+        colour = transforms.DeviceAugment(color, num_global=2)
         gen = torch.Generator(device=device).manual_seed(0)
 
-        def step() -> list[torch.Tensor]:
-            return augment(views, gen)
+        def augment(views: list[torch.Tensor]) -> list[torch.Tensor]:
+            return colour(views, gen)
     else:
 
-        def step() -> list[torch.Tensor]:
+        def augment(views: list[torch.Tensor]) -> list[torch.Tensor]:
             return transforms.normalize(views, color.mean, color.std)
+
+    def step() -> list[torch.Tensor]:
+        return augment(views)
+
+    if on_device:
+        rng = np.random.default_rng(0)
+        decoded = [maker(crops, on_device=True)(images[i % len(images)], rng) for i in range(batch)]
+        crop_batch = collate_decoded(decoded)
+        moved["bytes_per_image"] = crop_batch.nbytes / batch
+        moved["pixel_bytes_per_image"] = crop_batch.pixel_bytes / batch
+        crop_batch = crop_batch.to(device)
+
+        def step() -> list[torch.Tensor]:
+            return augment(cut_views(crop_batch))
 
     step()  # warm-up
     if cuda:
@@ -383,6 +435,7 @@ def bench_device(images: list[bytes], mode: str, batch: int, iters: int) -> dict
         "views": [list(v.shape[1:]) for v in views],
         "device_aug_per_s": batch / seconds,
         "device_aug_us_per_image": seconds / batch * 1e6,
+        **moved,
     }
 
 
@@ -407,6 +460,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="fixed glibc malloc thresholds in the worker processes (both roles): no per-image "
         "page faults from the allocator returning and refetching memory",
+    )
+    parser.add_argument(
+        "--on-device",
+        action="store_true",
+        help="crops cut on the device: the CPU side only decodes and samples boxes",
     )
     parser.add_argument("--batch", type=int, default=64, help="device-side batch (samples)")
     parser.add_argument("--device-iters", type=int, default=3, help="timed device-side batches")
@@ -446,15 +504,19 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds,
         "mean_size_wh": [round(mean_w, 1), round(mean_h, 1)],
         "mean_bytes": round(sum(map(len, images)) / len(images)),
+        "on_device": args.on_device and args.mode != "decode",
     }
     if args.steady_malloc:
         os.environ.update(STEADY_MALLOC)  # read by glibc when each worker process starts
     result["steady_malloc"] = args.steady_malloc
-    result.update(bench_cpu(images, args.mode, args.workers, args.rounds, args.chunk, args.repeat))
+    on_device = result["on_device"]
+    result.update(
+        bench_cpu(images, args.mode, args.workers, args.rounds, args.chunk, args.repeat, on_device)
+    )
     if args.phases and args.mode != "decode":
-        result["phases_us"] = bench_phases(images, args.mode, args.rounds)
+        result["phases_us"] = bench_phases(images, args.mode, args.rounds, on_device)
     if args.mode != "decode":
-        result.update(bench_device(images, args.mode, args.batch, args.device_iters))
+        result.update(bench_device(images, args.mode, args.batch, args.device_iters, on_device))
 
     import PIL
     import torch
@@ -483,7 +545,10 @@ def print_table(r: dict) -> None:
     print(f"{'':34s}{'images/s per core':>18s}{'us / image':>12s}{'per CPU-s':>11s}{'faults':>8s}")
     rows = [("decode only", "decode")]
     if "transform_per_core" in r:
-        rows.append((f"CPU views ({r['mode']}, incl. decode)", "transform"))
+        if r.get("on_device"):
+            rows.append((f"CPU side ({r['mode']} on device: decode+boxes)", "transform"))
+        else:
+            rows.append((f"CPU views ({r['mode']}, incl. decode)", "transform"))
     for name, key in rows:
         rate = r[f"{key}_per_core"]
         print(
@@ -491,7 +556,8 @@ def print_table(r: dict) -> None:
             f"{r[f'{key}_page_faults_per_image']:8.1f}"
         )
     if "ratio" in r:
-        print(f"{'ratio views / decode':34s}{r['ratio']:18.3f}{'':12s}{r['ratio_cpu']:11.3f}")
+        label = "ratio CPU side / decode" if r.get("on_device") else "ratio views / decode"
+        print(f"{label:34s}{r['ratio']:18.3f}{'':12s}{r['ratio_cpu']:11.3f}")
         median, median_cpu = r["ratio_median_chunk"], r["ratio_cpu_median_chunk"]
         print(f"{'  (median of per-chunk ratios)':34s}{median:18.3f}{'':12s}{median_cpu:11.3f}")
         if r["repeat"] > 1:
@@ -500,8 +566,15 @@ def print_table(r: dict) -> None:
     for role, us in r["cpu_us_per_process"].items():
         print(f"{'  CPU us / image, each ' + role:34s}  {' '.join(map(str, us))}")
     if "device_aug_per_s" in r:
-        name = f"device aug ({r['device']}, batch {r['batch']})"
+        what = "device crops + colour" if r.get("on_device") else "device aug"
+        name = f"{what} ({r['device']}, batch {r['batch']})"
         print(f"{name:34s}{r['device_aug_per_s']:18.1f}{r['device_aug_us_per_image']:12.0f}")
+        if "bytes_per_image" in r:
+            print(
+                f"{'  bytes to the device per image':34s}{r['bytes_per_image']:18.0f}"
+                f"  (pixels {r['pixel_bytes_per_image']:.0f}, CPU-cut views "
+                f"{r['cpu_views_bytes_per_image']:.0f})"
+            )
     if "phases_us" in r:
         print(f"\nsteps of the {r['mode']} transform, one process (CPU us / image)")
         for name, us in r["phases_us"].items():

@@ -7,12 +7,13 @@ pixels and the boxes in their coordinates). `collate_decoded` packs a batch of t
 `CropBatch`: one (B, H, W, 4) uint8 block padded to the batch's largest image, in shared memory
 when it is built in a loader worker, so nothing is copied again on its way to the trainer.
 
-Device side: `cut_views` cuts and resizes all views of a `CropBatch` with a few batched gathers
-per output size, and flips them. The resize is the one the CPU path runs (torch's antialiased
-bilinear, a port of Pillow's): a triangle filter widened by the scale when it shrinks, cut at the
-box's edges and normalised, applied separably (rows, then columns) with per-view taps. The CPU
-path rounds to uint8 between its two passes and this one only at the end, so the two agree to a
-grey level or so, not bitwise. The output is uint8 (B, 3, h, w) per view, what `DeviceAugment`
+Device side: `cut_views` cuts and resizes all views of a `CropBatch`, per output size one gather
+of every view's box window and two batched matrix products, and flips them. The resize is the
+one the CPU path runs (torch's antialiased bilinear, a port of Pillow's): a triangle filter
+widened by the scale when it shrinks, cut at the box's edges and normalised, applied separably
+(rows, then columns) as per-view banded matrices. The CPU path rounds to uint8 between its two
+passes and this one only at the end (fp16 operands on a GPU), so the two agree to a grey level
+or so, not bitwise. The output is uint8 (B, 3, h, w) per view, what `DeviceAugment`
 and `normalize` take. `to_device` and `DevicePrefetch` move batches (pinned, non-blocking, on a
 side CUDA stream one batch ahead).
 
@@ -176,42 +177,54 @@ def _taps(
     return index, weight.to(torch.float32)
 
 
+def _band(
+    index: torch.Tensor, weight: torch.Tensor, start: torch.Tensor, size: int
+) -> torch.Tensor:
+    """Taps (N, out, K) as dense (N, out, size) matrices over a window starting at `start` (N,).
+    Padding taps carry weight 0, so where they land does not matter."""
+    local = (index - start[:, None, None]).clamp(0, size - 1)
+    dense = torch.zeros((*index.shape[:2], size), dtype=weight.dtype, device=weight.device)
+    return dense.scatter_add_(2, local, weight)
+
+
 def _cut_group(
     images: torch.Tensor,
     boxes: torch.Tensor,
     flips: torch.Tensor,
     out_hw: tuple[int, int],
 ) -> torch.Tensor:
-    """Views of one output size: (B, G, 4) boxes and (B, G) flips -> uint8 (G, B, h, w, 3)."""
+    """Views of one output size: (B, G, 4) boxes and (B, G) flips -> uint8 (G, B, h, w, 4).
+
+    Each view's box window (as large as the group's largest box) is gathered once, then both
+    passes are batched matrix products with the filter as a banded matrix: dense work, but on a
+    GPU it runs on the tensor cores and reads each pixel once, where per-tap gathers would make
+    a pass over the window per tap."""
     bsz, views = boxes.shape[:2]
     h, w = out_hw
     device = images.device
+    # fp16 holds every uint8 level exactly and the products accumulate in fp32 on a GPU; the
+    # CPU has no fast fp16 product.
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
     boxes = boxes.transpose(0, 1).reshape(-1, 4).to(torch.int64)  # view-major: (G * B, 4)
     flips = flips.transpose(0, 1).reshape(-1)
+    n = len(boxes)
     image = torch.arange(bsz, device=device).repeat(views)  # which image each view is cut from
     x0, y0, x1, y1 = boxes.unbind(1)
-    # Vertical pass over a window of the box's columns (as wide as the widest box).
-    span = int((x1 - x0).max())
-    rows, row_w = _taps(y0, y1 - y0, h, images.shape[1], None)  # (N, h, Ky)
-    cols, col_w = _taps(torch.zeros_like(x0), x1 - x0, w, span, flips)  # in the window: (N, w, Kx)
-    window = (x0[:, None] + torch.arange(span, device=device)).clamp(max=images.shape[2] - 1)
-    pixels = images.view(torch.int32)[..., 0] if images.shape[-1] == 4 else None
-    mid = torch.zeros((len(boxes), h, span, 3), dtype=torch.float32, device=device)
-    for k in range(rows.shape[-1]):
-        if pixels is not None:  # gather whole 32-bit RGBX pixels, then look at their bytes
-            got = pixels[image[:, None, None], rows[:, :, k, None], window[:, None, :]]
-            got = got.view(torch.uint8).view(*got.shape, 4)[..., :3]
-        else:
-            got = images[image[:, None, None], rows[:, :, k, None], window[:, None, :], :3]
-        mid += row_w[:, :, k, None, None] * got
-    # Horizontal pass: taps are box-relative, i.e. indices into the window.
-    n = torch.arange(len(boxes), device=device)[:, None, None]
-    r = torch.arange(h, device=device)[None, :, None]
-    out = torch.zeros((len(boxes), h, w, 3), dtype=torch.float32, device=device)
-    for k in range(cols.shape[-1]):
-        out += col_w[:, None, :, k, None] * mid[n, r, cols[:, None, :, k]]
-    out = out.round_().clamp_(0, 255).to(torch.uint8)
-    return out.view(views, bsz, h, w, 3)
+    span_h, span_w = int((y1 - y0).max()), int((x1 - x0).max())
+    rows = (y0[:, None] + torch.arange(span_h, device=device)).clamp(max=images.shape[1] - 1)
+    cols = (x0[:, None] + torch.arange(span_w, device=device)).clamp(max=images.shape[2] - 1)
+    pixels = images.view(torch.int32)[..., 0]  # whole 32-bit RGBX pixels: (B, H, W)
+    window = pixels[image[:, None, None], rows[:, :, None], cols[:, None, :]]  # (N, Hs, Ws)
+    window = window.view(torch.uint8).view(n, span_h, span_w * 4).to(dtype)
+    index, weight = _taps(y0, y1 - y0, h, images.shape[1], None)
+    vertical = _band(index, weight.to(dtype), y0, span_h)  # (N, h, Hs)
+    index, weight = _taps(x0, x1 - x0, w, images.shape[2], flips)
+    horizontal = _band(index, weight.to(dtype), x0, span_w).transpose(1, 2)  # (N, Ws, w)
+    mid = torch.bmm(vertical, window).view(n, h, span_w, 4)  # (N, h, Ws * 4) -> (N, h, Ws, 4)
+    mid = mid.permute(0, 1, 3, 2).reshape(n, h * 4, span_w)  # 'n h w c -> n (h c) w'
+    out = torch.bmm(mid, horizontal).view(n, h, 4, w).permute(0, 1, 3, 2)  # (N, h, w, 4)
+    out = out.float().round_().clamp_(0, 255).to(torch.uint8)
+    return out.reshape(views, bsz, h, w, 4)
 
 
 def cut_views(batch: CropBatch) -> list[torch.Tensor]:
@@ -224,7 +237,7 @@ def cut_views(batch: CropBatch) -> list[torch.Tensor]:
         index = torch.tensor(group, device=batch.boxes.device)
         cut = _cut_group(batch.images, batch.boxes[:, index], batch.flips[:, index], hw)
         for g, i in enumerate(group):
-            views[i] = cut[g].permute(0, 3, 1, 2)  # (B, h, w, 3) -> (B, 3, h, w)
+            views[i] = cut[g, ..., :3].permute(0, 3, 1, 2)  # (B, h, w, 4) -> (B, 3, h, w)
     return views
 
 

@@ -278,6 +278,7 @@ def test_cuda_cut_matches_cpu_and_prefetch_copies(images):
     cuda = torch.device("cuda", torch.cuda.current_device())
     moved = DevicePrefetch(cuda)({"views": batch.pin_memory()})["views"]
     assert moved.ready is not None
-    on_gpu = cut_views(to_device(moved, cuda))
-    for g, c in zip(on_gpu, cut_views(batch), strict=True):
-        assert int((g.cpu().int() - c.int()).abs().max()) <= 1
+    on_gpu = [v.cpu() for v in cut_views(to_device(moved, cuda))]
+    cpu = cpu_views([DinoCrops(CropsConfig())(d, np.random.default_rng(i)) for i, d in
+                     enumerate(images)])  # fmt: skip
+    assert max(max_diff(on_gpu, cpu)) <= TOLERANCE
