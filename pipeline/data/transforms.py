@@ -8,7 +8,9 @@ layout: the decoded pixels are used where Pillow put them, and the crops run on 
 pixels; the padding goes to the device with them and is dropped there. Every crop box is sampled
 first, from the size in the image header, so that the JPEG decoder can downscale (`draft`) when
 every box allows it; the image is then decoded once and each box is cut and resized straight to
-its output size.
+its output size. Built with `on_device=True`, `DinoCrops`, `MaeCrop` and `EvalCrop` stop after
+the decode and return a `device_crops.Decoded` (pixels, the same boxes and flips) for the
+training device to cut (`data.crops.on_device`).
 
 Device side (`torch.Generator` randomness): `DeviceAugment` (DINO's colour jitter, grayscale,
 Gaussian blur and solarisation, vectorised over the batch with per-image masks and factors) and
