@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import MISSING, dataclass, field
 from typing import Any, Literal
@@ -110,7 +111,7 @@ def _f(default: Any = MISSING, doc: str = "") -> Any:
 
 
 Scalar = bool | int | float | str
-Stage = Literal["pretrain", "knn", "linear", "finetune"]
+Stage = Literal["pretrain", "knn", "logreg", "linear", "finetune"]
 STAGES: tuple[str, ...] = typing.get_args(Stage)
 
 
@@ -368,6 +369,9 @@ class TrainConfig:
     grad_accum: int = _f(1, "micro-steps per optimizer step")
     precision: Literal["fp32", "bf16", "fp16"] = _f("bf16", "training precision")
     nan_policy: Literal["stop", "skip"] = _f("stop", "on a non-finite loss: stop, or skip the step")
+    compile: bool = _f(
+        False, "torch.compile every transformer block (backbone, MAE decoder, DINO teacher)"
+    )
 
     def __post_init__(self) -> None:
         _check(
@@ -452,6 +456,29 @@ class LinearConfig:
 
 
 @dataclass(kw_only=True)
+class LogregConfig:
+    """`eval.logreg`: logistic regression by full-batch L-BFGS, C chosen on a held-out split."""
+
+    cs: list[float] = _f(
+        [1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0],
+        "inverse L2 strengths to try (scikit-learn's C)",
+    )
+    feature: str = _f("pooled", "input: pooled, avg, clsN or clsN+avg (ViT class tokens)")
+    max_iter: int = _f(1000, "L-BFGS iterations per fit")
+    tol: float = _f(1e-6, "stop when the largest gradient entry is below this")
+
+    def __post_init__(self) -> None:
+        _check(bool(self.cs) and all(c > 0 for c in self.cs), "eval.logreg.cs must be > 0.")
+        _check(
+            self.feature in ("pooled", "avg")
+            or re.fullmatch(r"cls\d*(\+avg)?", self.feature) is not None,
+            f"eval.logreg.feature={self.feature!r}: use pooled, avg, clsN or clsN+avg.",
+        )
+        _at_least("eval.logreg", self, 1, "max_iter")
+        _check(self.tol > 0, "eval.logreg.tol must be positive.")
+
+
+@dataclass(kw_only=True)
 class FinetuneConfig:
     """`eval.finetune`: end-to-end fine-tuning with a classifier head."""
 
@@ -465,8 +492,20 @@ class FinetuneConfig:
     label_smoothing: float = _f(0.1, "label smoothing")
     mixup: float = _f(0.8, "mixup alpha; 0 = off")
     cutmix: float = _f(1.0, "cutmix alpha; 0 = off")
+    crop_scale: tuple[float, float] = _f((0.08, 1.0), "training crop area range (DeiT / MAE)")
+    crop_ratio: tuple[float, float] = _f((0.75, 4 / 3), "training crop aspect-ratio range")
+    hflip: float = _f(0.5, "probability of a horizontal flip of a training crop")
 
     def __post_init__(self) -> None:
+        _check(
+            0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
+            f"eval.finetune.crop_scale={list(self.crop_scale)} must satisfy 0 < lo <= hi <= 1.",
+        )
+        _check(
+            0 < self.crop_ratio[0] <= self.crop_ratio[1],
+            f"eval.finetune.crop_ratio={list(self.crop_ratio)} must satisfy 0 < lo <= hi.",
+        )
+        _fraction("eval.finetune", self, "hflip")
         _at_least("eval.finetune", self, 1, "epochs", "batch_size")
         _at_least("eval.finetune", self, 0, "weight_decay", "warmup_epochs", "mixup", "cutmix")
         _fraction("eval.finetune", self, "label_smoothing", "drop_path")
@@ -486,13 +525,25 @@ class EvalConfig:
     which: Literal["teacher", "student"] | None = _f(
         None, "network to evaluate; null = the teacher for DINO, the encoder for MAE"
     )
-    random_baseline: bool = _f(False, "also evaluate the backbone at random initialisation")
+    baselines: list[Literal["random_init", "pixels"]] = _f(
+        ["random_init", "pixels"],
+        "also probe these (k-NN, logreg, linear): the backbone at random initialisation, and the "
+        "evaluation crop's pixels (downsampled to <= 4096 values)",
+    )
+    random_baseline: bool | None = _f(
+        None, "older run directories' key: false drops random_init from eval.baselines"
+    )
     knn: KnnConfig = _f(KnnConfig, "k-NN")
+    logreg: LogregConfig = _f(LogregConfig, "logistic regression")
     linear: LinearConfig = _f(LinearConfig, "linear probe")
     finetune: FinetuneConfig = _f(FinetuneConfig, "fine-tuning")
 
     def __post_init__(self) -> None:
         _at_least("eval", self, 1, "batch_size")
+        if self.random_baseline is not None:  # a config.yaml written before eval.baselines
+            others = [b for b in self.baselines if b != "random_init"]
+            self.baselines = ["random_init", *others] if self.random_baseline else others
+            self.random_baseline = None
 
 
 @dataclass(kw_only=True)
@@ -544,6 +595,15 @@ class Recipe:
 
 def _check_recipe(r: Recipe) -> None:
     """Rules that span sections; each message names every key involved."""
+    # ZeRO-3 gathers and frees each parameter in hooks around every submodule's forward; a
+    # compiled block would either break into a graph per hook or capture parameters that are
+    # freed right after: both are wrong or slow, so the combination is refused.
+    _check(
+        not (r.train.compile and r.deepspeed.zero_stage == 3),
+        "train.compile=true with deepspeed.zero_stage=3: ZeRO-3 gathers and frees parameters in "
+        "hooks around each submodule, which compiled blocks cannot follow; use "
+        "deepspeed.zero_stage=2 (or 1) to compile, or train.compile=false.",
+    )
     backbone = f"model.backbone={r.model.backbone}"
     stride = input_stride(r.model.backbone)
     crops = {

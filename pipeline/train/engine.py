@@ -32,7 +32,7 @@ from pipeline.data.loader import build_train_loader
 from pipeline.data.transforms import DeviceAugment, normalize
 from pipeline.methods.dino import DINO, make_teacher
 from pipeline.methods.mae import MAE
-from pipeline.models import build_backbone
+from pipeline.models import build_backbone, compile_blocks
 from pipeline.train.checkpoint import CheckpointError, CheckpointManager, rng_state, set_rng_state
 from pipeline.train.distributed import DistEnv, all_reduce_sum, every_rank, init_distributed
 from pipeline.train.metrics import MetricsWriter, SampleLog, peak_memory_gb
@@ -212,6 +212,10 @@ def pretrain(
         source = recipe.model.init_from
         init_method(student, teacher_module, method_weights(Path(source)),
                     ignore=recipe.model.init_from_ignore, source=source)  # fmt: skip
+    if recipe.train.compile:
+        compiled = sum(compile_blocks(m) for m in (student, teacher_module) if m is not None)
+        if env.is_main:
+            log.info("train.compile: %d transformer blocks compiled", compiled)
     device = env.device
     method = recipe.method.name
     groups = param_groups(student, recipe.optim.weight_decay)
