@@ -131,18 +131,32 @@ def random_backbone(recipe: Recipe) -> nn.Module:
     return build_backbone(recipe.model.backbone, **recipe.model.overrides)
 
 
+def baseline_backbone(name: str, recipe: Recipe) -> nn.Module:
+    """A baseline of `eval.baselines`: `random_init` or `pixels` (the evaluation crop's pixels)."""
+    from pipeline.eval.features import PixelFeatures
+
+    return random_backbone(recipe) if name == "random_init" else PixelFeatures()
+
+
 def _eval_stage(stage: str, recipe: Recipe, env: DistEnv, run_dir: Path) -> dict[str, Any]:
-    """Run one evaluation stage on the pretrained backbone (and the random-init baseline)."""
+    """Run one evaluation stage on the pretrained backbone, then on each of `eval.baselines`
+    (feature probes only; figures under `<stage>.<baseline>`, caches in `run_dir/<baseline>`)."""
     from pipeline.eval.finetune import finetune_stage
     from pipeline.eval.knn import knn_stage
     from pipeline.eval.linear import linear_stage
+    from pipeline.eval.logreg import logreg_stage
 
     init_distributed(env)
-    evaluate = {"knn": knn_stage, "linear": linear_stage, "finetune": finetune_stage}[stage]
+    evaluate = {
+        "knn": knn_stage,
+        "logreg": logreg_stage,
+        "linear": linear_stage,
+        "finetune": finetune_stage,
+    }[stage]
     figures = evaluate(recipe, evaluated_backbone(recipe, run_dir), run_dir)
-    if recipe.eval.random_baseline and stage != "finetune":
-        baseline = evaluate(recipe, random_backbone(recipe), run_dir / "random_init")
-        figures["random_init"] = baseline
+    if stage != "finetune":
+        for name in recipe.eval.baselines:
+            figures[name] = evaluate(recipe, baseline_backbone(name, recipe), run_dir / name)
     return figures
 
 

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -30,25 +31,44 @@ from pipeline.data.digits import write_digits_shards  # noqa: E402
 RECIPE = ROOT / "recipes" / "quickstart.yaml"
 
 
+COLUMNS = (("pretrained", None), ("random init", "random_init"), ("pixels", "pixels"))
+
+
+def comparison_rows(results: dict[str, Any], few_shot: list[int]) -> list[tuple[str, list]]:
+    """(label, [pretrained, random init, pixels]) per protocol, figures in percent or None."""
+    knn, logreg = results.get("knn", {}), results.get("logreg", {})
+    linear, finetune = results.get("linear", {}), results.get("finetune", {})
+    rows = [
+        ("k-NN top-1 (k=20)", "knn_top1", knn),
+        ("logistic regression top-1", "logreg_top1", logreg),
+        ("linear probe top-1", "linear_top1", linear),
+    ]
+    rows += [(f"linear probe top-1, {n}/class", f"linear_top1_{n}shot", linear) for n in few_shot]
+    rows.append(("fine-tune top-1", "finetune_top1", finetune))
+    out = []
+    for label, key, figures in rows:
+        cells = [(figures.get(sub, {}) if sub else figures).get(key) for _, sub in COLUMNS]
+        if any(v is not None for v in cells):
+            out.append((label, cells))
+    return out
+
+
 def report(run_dir: Path, seconds: float) -> str:
     """The quickstart's summary from results.json and metrics.jsonl."""
     results = json.loads((run_dir / "results.json").read_text())
     recipe = load_recipe(run_dir / "config.yaml")
     metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    knn, linear = results.get("knn", {}), results.get("linear", {})
-    rows = [("k-NN top-1 (k=20)", "knn_top1", knn)]
-    rows.append(("linear probe top-1", "linear_top1", linear))
-    for shots in recipe.eval.linear.few_shot:
-        rows.append((f"linear probe top-1, {shots}/class", f"linear_top1_{shots}shot", linear))
-    lines = [f"{'':34}{'pretrained':>12}{'random init':>13}"]
-    for label, key, figures in rows:
-        got, base = figures.get(key), figures.get("random_init", {}).get(key)
-        cells = "".join(f"{v:>12.1f}%" if v is not None else f"{'-':>13}" for v in (got, base))
-        lines.append(f"{label:34}{cells}")
+    lines = [f"{'':34}" + "".join(f"{name:>13}" for name, _ in COLUMNS)]
+    for label, cells in comparison_rows(results, recipe.eval.linear.few_shot):
+        text = "".join(f"{v:>12.1f}%" if v is not None else f"{'-':>13}" for v in cells)
+        lines.append(f"{label:34}{text}")
     if recipe.method.name == "dino":
         final = sum(m["loss"] for m in metrics[-20:]) / len(metrics[-20:])
         k = recipe.method.dino.out_dim
         lines.append(f"DINO loss, last 20 steps: {final:.3f} (uniform: ln {k} = {math.log(k):.3f})")
+    else:
+        final = sum(m["loss"] for m in metrics[-20:]) / len(metrics[-20:])
+        lines.append(f"MAE loss, last 20 steps: {final:.3f}")
     speed = [m["images_per_s"] for m in metrics[len(metrics) // 10 :]]
     mean_speed = sum(speed) / len(speed)
     lines.append(f"pretraining: {metrics[-1]['step']} steps, {mean_speed:.0f} images/s")

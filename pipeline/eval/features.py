@@ -6,6 +6,8 @@ This module holds
 - `image_features`: what one batch of images gives: the pooled embedding, the mean of the final
   patch tokens, and (ViT with a class token) the normalised class token of each of the last k
   blocks, as the DINO/DINOv2 linear evaluation uses them;
+- `PixelFeatures`: the raw-pixel baseline in the place of a backbone (the evaluation crop,
+  downsampled to at most 4,096 values), so the probes and the cache treat it like one;
 - `extract_features`: every rank runs its own share of an evaluation loader through the backbone;
   each batch is gathered across ranks, padding repeats (id -1) are dropped and the whole set is
   ordered by global sample id, so every rank ends with the same `FeatureSet` whatever the world
@@ -34,12 +36,14 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import Recipe
@@ -127,6 +131,9 @@ def image_features(
     cls (B, K, D): ViT with a class token only: the class token after each of the last K blocks,
     through the final norm (K = min(n_last_blocks, depth), oldest first).
     """
+    own = getattr(backbone, "eval_features", None)
+    if own is not None:  # a stand-in that is not a network (raw pixels) says what it gives
+        return own(images)
     taps: list[torch.Tensor] = []
     hooks = []
     if _class_tokens(backbone) and n_last_blocks > 0:
@@ -148,6 +155,28 @@ def image_features(
         # Each tapped block output (B, T, D) goes through the final norm, as DINO's linear eval.
         out["cls"] = torch.stack([backbone.norm(t[:, :prefix])[:, 0] for t in taps], 1).float()
     return out
+
+
+class PixelFeatures(nn.Module):
+    """The raw-pixel baseline as a backbone stand-in: the normalised evaluation crop,
+    area-downsampled (aspect kept) to at most `max_values` numbers and flattened.
+
+    `eval_features` gives pooled (B, <= max_values) and an empty avg (B, 0): the probes then use
+    one input, the pixels. The buffer makes its cache fingerprint differ from any other setting.
+    """
+
+    def __init__(self, max_values: int = 4096) -> None:
+        super().__init__()
+        self.register_buffer("max_values", torch.tensor(max_values), persistent=True)
+
+    def eval_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        _, c, h, w = images.shape  # (B, C, H, W)
+        scale = min(1.0, math.sqrt(int(self.max_values) / (c * h * w)))
+        size = (max(1, math.floor(h * scale)), max(1, math.floor(w * scale)))
+        if size != (h, w):
+            images = F.adaptive_avg_pool2d(images, size)  # area average: no aliasing
+        pixels = images.float().flatten(1)  # (B, C * h' * w')
+        return {"pooled": pixels, "avg": pixels[:, :0]}
 
 
 # ---------------------------------------------------------------------------------------------

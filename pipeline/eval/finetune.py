@@ -9,9 +9,10 @@ top-1 on data.val.shards.
 Recipe (MAE/BEiT fine-tuning): AdamW, lr = eval.finetune.lr x global batch / 256, linear warm-up
 then cosine to `MIN_LR`; the lr of layer i of L is scaled by layer_decay^(L + 1 - i) (embeddings
 0, blocks 1..L in forward order, everything after the last block L + 1); no weight decay on the
-backbone's `no_weight_decay()` names; random-resized crops of data.eval_crop (scale 0.08-1) with
-flips on the CPU workers, mixup/cutmix (one draw per batch, switching 50/50 when both are on)
-and label smoothing in torch ops on the device.
+backbone's `no_weight_decay()` names; random-resized crops of data.eval_crop (area range
+eval.finetune.crop_scale, default DeiT's 0.08-1; aspect ratios eval.finetune.crop_ratio) with
+flips (eval.finetune.hflip) on the CPU workers, mixup/cutmix (one draw per batch, switching
+50/50 when both are on) and label smoothing in torch ops on the device.
 
 Checkpoints (`run_dir/finetune/checkpoints/step-XXXXXXXX`): every rank writes into one temporary
 directory (accelerate's `save_state`: weights, optimizer, RNG states; plus our per-rank loader
@@ -56,7 +57,6 @@ from pipeline.train.schedules import learning_rate, scaled_lr
 log = logging.getLogger(__name__)
 
 MIN_LR = 1e-6  # end of the cosine (MAE's fine-tuning default)
-CROP_SCALE = (0.08, 1.0)  # random-resized-crop area range (DeiT / MAE fine-tuning)
 MIXUP_SWITCH = 0.5  # probability of cutmix instead of mixup when both are on (timm)
 POINTER = "committed"
 _TAG = re.compile(r"^step-(\d{8})$")
@@ -339,7 +339,10 @@ def deepspeed_config(recipe: Recipe) -> dict[str, Any] | None:
 
 def _train_loader(recipe: Recipe, rank: int, world_size: int) -> ShardLoader:
     d = recipe.data
-    crops = dataclasses.replace(d.crops, mae_size=d.eval_crop, mae_scale=CROP_SCALE)
+    ft = recipe.eval.finetune
+    crops = dataclasses.replace(
+        d.crops, mae_size=d.eval_crop, mae_scale=ft.crop_scale, ratio=ft.crop_ratio, hflip=ft.hflip
+    )
     return ShardLoader(
         d.train.shards,
         transform=MaeCrop(crops),

@@ -95,6 +95,8 @@ class FeatureChoice:
 def feature_choices(features: FeatureSet) -> list[FeatureChoice]:
     """The grid of inputs this backbone's features allow (see the module docstring)."""
     if features.cls is None:
+        if features.avg.shape[1] == 0:  # one input only (the raw-pixel baseline)
+            return [FeatureChoice("pooled", pooled=True)]
         return [FeatureChoice("pooled", pooled=True), FeatureChoice("avg", avg=True)]
     blocks = sorted({1, features.cls.shape[1]})
     return [
@@ -125,7 +127,12 @@ class Standardizer:
                 squares += (x * x).sum(0)
             mean = total / len(t)
             var = (squares / len(t) - mean * mean).clamp(min=0)
-            stats[key] = (mean.float(), (var.sqrt() + 1e-6).float())
+            std = var.sqrt()
+            # A dimension constant on the training rows (a border pixel) keeps scale 1, as
+            # scikit-learn's StandardScaler: dividing by ~0 would blow up a test image's value.
+            floor = 1e-8 * float(std.max()) if std.numel() else 0.0
+            std = torch.where(std > floor, std, torch.ones_like(std))
+            stats[key] = (mean.float(), std.float())
         return cls(stats)
 
     def inputs(

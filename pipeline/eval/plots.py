@@ -7,7 +7,12 @@
 - `<stage>_metrics.png` for every `<stage>_metrics.jsonl` an evaluation stage wrote (k-NN,
   linear probe, fine-tuning): its numeric keys against its first key among step/epoch/k/...,
   grouped into loss, accuracy and learning-rate panels;
-- `results.png` from `results.json`: a bar per accuracy figure (`*top1*`, `*top5*`, `*acc*`).
+- `results.png` from `results.json`: one grouped bar chart, top-1 per protocol (k-NN, logistic
+  regression, linear probe, few-shot, fine-tune) for the pretrained backbone and its baselines
+  (random init, pixels);
+- `probe_sweep.png` from `results.json`: held-out top-1 of every linear head against its
+  learning rate (a line per feature choice, a panel per model and training set), and of the
+  logistic regression against C.
 Missing files, missing keys, nulls, non-finite values and a torn last line (a run killed while
 writing) are skipped; nothing is drawn for what is absent.
 
@@ -57,6 +62,7 @@ X_KEYS = ("step", "epoch", "k", "iteration", "iter")  # first one present is the
 SKIP_KEYS = {"step", "epoch", "k", "iteration", "iter", "rank", "world_size"}
 SET_KEYS = ("set", "split", "tag")  # a string naming which of several runs a record belongs to
 _COLUMNS = 3
+MAX_LEGEND = 10  # more lines than this: no legend (it would cover the axes); the title counts
 
 
 # --------------------------------------------------------------------------- reading
@@ -132,6 +138,8 @@ class Panel:
     lines: list[Line]
     log_y: bool = False
     refs: dict[str, float] = field(default_factory=dict)
+    x_log: bool = False
+    x_label: str | None = None  # None: the figure's x label
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -142,7 +150,9 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def _draw_panels(panels: list[Panel], x_label: str, title: str, path: Path) -> Path:
+def _draw_panels(
+    panels: list[Panel], x_label: str, title: str, path: Path, y_label: str | None = None
+) -> Path:
     rows = math.ceil(len(panels) / _COLUMNS)
     cols = min(len(panels), _COLUMNS)
     fig = Figure(figsize=(4.2 * cols, 3.0 * rows + 0.4), layout="constrained")
@@ -156,10 +166,14 @@ def _draw_panels(panels: list[Panel], x_label: str, title: str, path: Path) -> P
             ax.axhline(y, color="grey", linestyle="--", linewidth=1.0, label=label)
         if panel.log_y and all(y > 0 for _, _, ys in panel.lines for y in ys):
             ax.set_yscale("log")
+        if panel.x_log:
+            ax.set_xscale("log")
         ax.set_title(panel.title, fontsize=10)
-        ax.set_xlabel(x_label)
+        ax.set_xlabel(panel.x_label or x_label)
+        if y_label:
+            ax.set_ylabel(y_label)
         ax.grid(True, alpha=0.3)
-        if len(panel.lines) + len(panel.refs) > 1:
+        if 1 < len(panel.lines) + len(panel.refs) <= MAX_LEGEND:
             ax.legend(fontsize=7 if len(panel.lines) > 6 else 8)
     for ax in axes[len(panels) :]:
         ax.set_visible(False)
@@ -235,37 +249,133 @@ def plot_eval(records: list[dict], path: Path, title: str) -> Path | None:
             groups.setdefault(_eval_group(key), []).append(key)
     panels: list[Panel] = []
     for group, keys in groups.items():
-        lines = []
+        panel_title = group[:1].upper() + group[1:]
+        # One panel per set (full probe, few-shot): their step counts differ, and one panel of
+        # every head of every set is a tangle (the linear probe trains dozens of heads).
         for label, subset in by_set.items():
-            suffix = f" [{label}]" if label and len(by_set) > 1 else ""
-            lines += [(k + suffix, xs, ys) for k, xs, ys in _lines(subset, x_key, keys)]
-        if lines:
-            panel_title = group[:1].upper() + group[1:]
-            panels.append(Panel(panel_title, lines, log_y=group == "loss" and len(lines) == 1))
+            lines = _lines(subset, x_key, keys)
+            if lines:
+                title = f"{panel_title} [{label}]" if label and len(by_set) > 1 else panel_title
+                if len(lines) > MAX_LEGEND:
+                    title += f": {len(lines)} heads"
+                panels.append(Panel(title, lines, log_y=group == "loss"))
     if not panels:
         return None
     return _draw_panels(panels, x_key, title, path)
 
 
+# Protocols of results.json: (label, stage, key); the few-shot rows are found by their suffix.
+PROTOCOLS: tuple[tuple[str, str, str], ...] = (
+    ("k-NN", "knn", "knn_top1"),
+    ("logistic\nregression", "logreg", "logreg_top1"),
+    ("linear\nprobe", "linear", "linear_top1"),
+)
+MODELS: tuple[tuple[str, str | None, str], ...] = (
+    ("pretrained", None, "tab:blue"),
+    ("random init", "random_init", "tab:grey"),
+    ("pixels", "pixels", "tab:orange"),
+)
+
+
+def comparison(results: dict) -> list[tuple[str, list[float | None]]]:
+    """(protocol label, [pretrained, random init, pixels] top-1) for every protocol present:
+    k-NN, logistic regression, linear probe, each few-shot linear probe, fine-tune."""
+    if not isinstance(results, dict):
+        return []
+    rows = list(PROTOCOLS)
+    linear = results.get("linear", {}) if isinstance(results.get("linear"), dict) else {}
+    for key in sorted(k for k in linear if k.startswith("linear_top1_") and k.endswith("shot")):
+        shots = key.removeprefix("linear_top1_").removesuffix("shot")
+        rows.append((f"linear probe\n{shots}/class", "linear", key))
+    rows.append(("fine-tune", "finetune", "finetune_top1"))
+    out = []
+    for label, stage, key in rows:
+        figures = results.get(stage)
+        if not isinstance(figures, dict):
+            continue
+        cells = [
+            _number((figures.get(sub, {}) if sub else figures).get(key)) for _, sub, _ in MODELS
+        ]
+        if any(v is not None for v in cells):
+            out.append((label, cells))
+    return out
+
+
 def plot_results(results: dict, path: Path, title: str = "results") -> Path | None:
-    """`results.json` -> a horizontal bar per accuracy figure (nested keys joined by dots)."""
-    figures = {
-        k: v
-        for k, v in _flatten(results).items()
-        if any(word in k.lower() for word in ("top1", "top5", "acc"))
-    }
-    if not figures:
+    """`results.json` -> one grouped bar chart: top-1 per protocol for the pretrained backbone
+    and its baselines (random init, pixels), each bar labelled with its value."""
+    rows = comparison(results)
+    if not rows:
         return None
-    fig = Figure(figsize=(7.0, 0.45 * len(figures) + 1.2), layout="constrained")
+    present = [i for i in range(len(MODELS)) if any(cells[i] is not None for _, cells in rows)]
+    width = 0.8 / len(present)
+    fig = Figure(figsize=(max(6.0, 1.5 * len(rows) + 1.5), 4.2), layout="constrained")
     ax = fig.subplots()
-    names = list(figures)
-    bars = ax.barh(names, [figures[n] for n in names], color="tab:blue")
-    ax.bar_label(bars, fmt="%.2f", fontsize=8, padding=2)
-    ax.invert_yaxis()  # first key on top, as in the file
-    ax.set_xlabel("accuracy")
+    for slot, i in enumerate(present):
+        name, _, color = MODELS[i]
+        xs = [r + (slot - (len(present) - 1) / 2) * width for r in range(len(rows))]
+        ys = [cells[i] if cells[i] is not None else 0.0 for _, cells in rows]
+        bars = ax.bar(xs, ys, width, label=name, color=color)
+        labels = [f"{cells[i]:.1f}" if cells[i] is not None else "" for _, cells in rows]
+        ax.bar_label(bars, labels=labels, fontsize=7, padding=1)
+    ax.set_xticks(range(len(rows)), [label for label, _ in rows], fontsize=9)
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_ylim(0, 105)
     ax.set_title(title)
-    ax.grid(True, axis="x", alpha=0.3)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
     return _save(fig, path)
+
+
+def _head_lr(name: str) -> tuple[str, float] | None:
+    """`cls4+avg_lr0.03` -> ("cls4+avg", 0.03)."""
+    choice, sep, lr = name.rpartition("_lr")
+    try:
+        return (choice, float(lr)) if sep else None
+    except ValueError:
+        return None
+
+
+def plot_sweep(results: dict, path: Path, title: str = "probe sweep") -> Path | None:
+    """The probes' hyper-parameter sweeps from `results.json`: for each model (pretrained,
+    random init, pixels) and training set (full, few-shot), held-out top-1 of every linear head
+    against its learning rate, one line per feature choice; and the logistic regression's
+    held-out top-1 against C, one line per model."""
+    if not isinstance(results, dict):
+        return None
+    panels: list[Panel] = []
+    linear, logreg = results.get("linear"), results.get("logreg")
+    for name, sub, _ in MODELS:
+        figures = (linear.get(sub) if sub else linear) if isinstance(linear, dict) else None
+        if not isinstance(figures, dict):
+            continue
+        for key in sorted(k for k in figures if k.startswith("linear_heads")):
+            suffix = key.removeprefix("linear_heads").lstrip("_") or "full"
+            curves: dict[str, dict[float, float]] = {}
+            for head, scores in figures[key].items():
+                parsed = _head_lr(head)
+                value = _number(scores.get("val_top1")) if isinstance(scores, dict) else None
+                if parsed and value is not None:
+                    curves.setdefault(parsed[0], {})[parsed[1]] = value
+            # Sorted choices: a feature choice keeps its colour from panel to panel.
+            lines = [(c, sorted(p), [p[x] for x in sorted(p)]) for c, p in sorted(curves.items())]
+            if lines:
+                panels.append(Panel(f"linear heads: {name}, {suffix}", lines, x_log=True))
+    if isinstance(logreg, dict):
+        lines = []
+        for name, sub, _ in MODELS:
+            figures = logreg.get(sub) if sub else logreg
+            held = figures.get("logreg_heldout") if isinstance(figures, dict) else None
+            if isinstance(held, dict):
+                points = {float(c): v for c, v in held.items() if _number(v) is not None}
+                lines.append((name, sorted(points), [points[c] for c in sorted(points)]))
+        if lines:
+            panels.append(Panel("logistic regression", lines, x_log=True, x_label="C"))
+    if not panels:
+        return None
+    return _draw_panels(
+        panels, "learning rate (per 256)", title, path, y_label="held-out top-1 (%)"
+    )
 
 
 # --------------------------------------------------------------------------- entry point
@@ -311,6 +421,8 @@ def plot_run(run_dir: Path) -> list[Path]:
         except ValueError as e:
             log.warning("%s is not JSON (%s); no results plot", results, e)
         else:
-            path = plot_results(data, out / "results.png", f"{name}: results")
+            path = plot_results(data, out / "results.png", f"{name}: top-1 by protocol")
+            written += [path] if path else []
+            path = plot_sweep(data, out / "probe_sweep.png", f"{name}: probe hyper-parameters")
             written += [path] if path else []
     return written

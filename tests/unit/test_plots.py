@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from pipeline.config import load_recipe, save_recipe
-from pipeline.eval.plots import _dino_out_dim, plot_run, read_jsonl, series
+from pipeline.eval.plots import _dino_out_dim, comparison, plot_run, read_jsonl, series
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,11 +73,28 @@ def test_dino_run_with_eval_stages_and_results(tmp_path: Path) -> None:
     (run_dir / "linear_metrics.jsonl").write_text("\n".join(json.dumps(r) for r in linear))
     knn = [{"k": k, "top1": 40 + k / 10, "top5": 60 + k / 10} for k in (10, 20, 100)]
     (run_dir / "knn_metrics.jsonl").write_text("\n".join(json.dumps(r) for r in knn))
+    # As the stages write it: each probe's figures, its baselines under their names.
+    heads = {
+        f"{c}_lr{lr:g}": {"val_top1": 40 + lr + len(c), "test_top1": 41.0}
+        for c in ("cls1", "cls4+avg")
+        for lr in (0.01, 0.1, 1.0)
+    }
     results = {
-        "knn_top1": 41.2,
-        "linear_top1": 44.0,
-        "baselines": {"knn_top1": 40.0, "note": "published"},
-        "step": 40,
+        "pretrain_steps": 40,
+        "knn": {"knn_top1": 41.2, "random_init": {"knn_top1": 20.0}, "pixels": {"knn_top1": 30}},
+        "logreg": {
+            "logreg_top1": 45.0,
+            "logreg_heldout": {"0.1": 40.0, "1": 44.0},
+            "pixels": {"logreg_top1": 35.0, "logreg_heldout": {"0.1": 30.0, "1": 33.0}},
+        },
+        "linear": {
+            "linear_top1": 44.0,
+            "linear_heads": heads,
+            "linear_top1_8shot": 30.0,
+            "linear_heads_8shot": heads,
+            "random_init": {"linear_top1": 25.0, "linear_top1_8shot": None, "note": "x"},
+        },
+        "finetune": {"finetune_top1": 50.0},
     }
     (run_dir / "results.json").write_text(json.dumps(results))
     save_recipe(load_recipe(ROOT / "recipes" / "debug" / "dino_tiny.yaml"), run_dir / "config.yaml")
@@ -85,7 +102,14 @@ def test_dino_run_with_eval_stages_and_results(tmp_path: Path) -> None:
 
     written = plot_run(run_dir)
     names = sorted(p.name for p in written)
-    assert names == ["knn_metrics.png", "linear_metrics.png", "results.png", "train.png"]
+    assert names == [
+        "knn_metrics.png", "linear_metrics.png", "probe_sweep.png", "results.png", "train.png"
+    ]  # fmt: skip
+    rows = comparison(results)
+    assert [label for label, _ in rows] == [
+        "k-NN", "logistic\nregression", "linear\nprobe", "linear probe\n8/class", "fine-tune"
+    ]  # fmt: skip
+    assert rows[0][1] == [41.2, 20.0, 30.0] and rows[3][1] == [30.0, None, None]
     for path in written:
         assert path.parent == run_dir / "plots"
         _assert_png(path)
