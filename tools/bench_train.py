@@ -1,7 +1,17 @@
-"""Benchmark pretraining steps: images/s and memory per rank for method x backbone x ZeRO stage.
+"""Benchmark pretraining steps: images/s, MFU and memory per rank for method x backbone x ZeRO
+stage, eager and compiled.
 
     python tools/bench_train.py --methods mae,dino --backbones vit_small_patch16 --stages 0,2,3 \\
         --size 224 --batch 8 --world-size 2 --json bench_train.json
+    python tools/bench_train.py --methods dino --backbones vit_base_patch16 --stages 2 \\
+        --precision bf16 --batch 128 --world-size 1 --compile both
+
+Model FLOPs per image are counted from the architecture (`pipeline.train.flops`: matrix
+products, backward = 2x forward, DINO's teacher forward on the global crops), and MFU is
+images/s x FLOPs per image / (ranks x peak), the peak from `--peak-tflops` or, on a known GPU,
+its dense bf16 datasheet figure (989 TFLOP/s for H100/H200). `--compile both` runs every
+combination eager and with `train.compile` (compiled transformer blocks) side by side; ZeRO-3
+refuses compilation, so its compiled row is skipped.
 
 Each combination runs in fresh processes (one per rank, gloo on CPU, NCCL on GPU): the real
 engine pieces (`build_method`, `deepspeed_config`, the teacher, `train_step`) on synthetic uint8
@@ -32,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.config import load_recipe  # noqa: E402
 from pipeline.train.distributed import free_port, rank_environ  # noqa: E402
+from pipeline.train.flops import method_step_flops, peak_tflops  # noqa: E402
 
 RECIPES = {"dino": ROOT / "recipes/dino_vits16.yaml", "mae": ROOT / "recipes/mae_vitb16.yaml"}
 
@@ -93,6 +104,7 @@ def _rank(rank: int, world_size: int, port: int, job: dict, out: str) -> None:
     os.environ.update(rank_environ(rank, world_size, port))
     import deepspeed
 
+    from pipeline.models import compile_blocks
     from pipeline.train.distributed import DistEnv, finish_and_exit, init_distributed
     from pipeline.train.engine import (
         StepContext,
@@ -112,6 +124,10 @@ def _rank(rank: int, world_size: int, port: int, job: dict, out: str) -> None:
     student, teacher_module = build_method(recipe)
     ds_config = deepspeed_config(recipe)
     groups = param_groups(student, recipe.optim.weight_decay)
+    if recipe.train.compile:
+        for module in (student, teacher_module):
+            if module is not None:
+                compile_blocks(module)
     engine, optimizer, _, _ = deepspeed.initialize(
         model=student, model_parameters=groups, config=ds_config
     )
@@ -159,6 +175,46 @@ def run_job(job: dict, world_size: int, tmp: Path) -> list[dict]:
     return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(world_size)]
 
 
+def bench_one(
+    args: argparse.Namespace,
+    method: str,
+    backbone: str,
+    stage: int,
+    compiled: bool,
+    peak: float | None,
+    tmp: Path,
+) -> dict:
+    """One combination: its per-rank figures, images/s, model FLOPs per image and MFU."""
+    overrides = [
+        f"model.backbone={backbone}",
+        f"deepspeed.zero_stage={stage}",
+        f"train.precision={args.precision}",
+        f"train.batch_size={args.batch}",
+        f"data.crops.global_size={args.size}",
+        f"data.crops.mae_size={args.size}",
+        f"data.crops.local_size={args.local_size}",
+        f"data.crops.local_number={args.local_crops}",
+        f"train.compile={str(compiled).lower()}",
+        *args.set,
+    ]
+    job = {"method": method, "overrides": overrides, "batch": args.batch,
+           "steps": args.steps, "warmup": args.warmup}  # fmt: skip
+    flops = method_step_flops(load_recipe(RECIPES[method], overrides))["step"]
+    ranks = run_job(job, args.world_size, tmp)
+    images = ranks[0]["images_per_s"]
+    per_device = images * flops / args.world_size
+    return {
+        "method": method, "backbone": backbone, "zero_stage": stage, "compiled": compiled,
+        "world_size": args.world_size, "size": args.size, "batch": args.batch,
+        "precision": args.precision, "images_per_s": images,
+        "gflop_per_image": round(flops / 1e9, 2),
+        "tflops_per_device": round(per_device / 1e12, 3), "peak_tflops": peak,
+        "mfu": round(per_device / (peak * 1e12), 4) if peak else None,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "ranks": ranks,
+    }  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--methods", default="mae,dino")
@@ -173,55 +229,64 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0 = default)")
+    p.add_argument(
+        "--compile",
+        choices=["off", "on", "both"],
+        default="both" if torch.cuda.is_available() else "off",
+        help="eager, compiled blocks, or both side by side (default: both on GPU, off on CPU)",
+    )
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        help="per-device peak for MFU (default: the GPU's dense bf16 datasheet figure)",
+    )
     p.add_argument("--set", nargs="*", default=[], help="extra recipe overrides (key=value)")
     p.add_argument("--json", type=Path, default=Path("bench_train.json"))
     args = p.parse_args()
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    peak = args.peak_tflops
+    if peak is None and torch.cuda.is_available():
+        peak = peak_tflops(torch.cuda.get_device_name())
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     tmp = args.json.with_suffix(".ranks")
     tmp.mkdir(parents=True, exist_ok=True)
     rows = []
-    columns = ["img/s", "ms/step", "params", "optim", "teacher", "peak GB"]
-    print(f"{'method':<6}{'backbone':<22}{'ZeRO':>5}" + "".join(f"{c:>9}" for c in columns)
-          + f"{'vs Z0':>7}")  # fmt: skip
-    for method in args.methods.split(","):
-        for backbone in args.backbones.split(","):
-            zero0 = None
-            for stage in [int(s) for s in args.stages.split(",")]:
-                overrides = [
-                    f"model.backbone={backbone}",
-                    f"deepspeed.zero_stage={stage}",
-                    f"train.precision={args.precision}",
-                    f"train.batch_size={args.batch}",
-                    f"data.crops.global_size={args.size}",
-                    f"data.crops.mae_size={args.size}",
-                    f"data.crops.local_size={args.local_size}",
-                    f"data.crops.local_number={args.local_crops}",
-                    *args.set,
-                ]
-                job = {"method": method, "overrides": overrides, "batch": args.batch,
-                       "steps": args.steps, "warmup": args.warmup}  # fmt: skip
-                ranks = run_job(job, args.world_size, tmp)
-                worst = max(ranks, key=lambda r: r["params_mb"] + r["optim_mb"])
-                state = worst["params_mb"] + worst["optim_mb"]
-                if stage == 0:
-                    zero0 = state
-                row = {
-                    "method": method, "backbone": backbone, "zero_stage": stage,
-                    "world_size": args.world_size, "size": args.size, "batch": args.batch,
-                    "precision": args.precision,
-                    "images_per_s": ranks[0]["images_per_s"],
-                    "state_vs_zero0": round(state / zero0, 3) if zero0 else None,
-                    "ranks": ranks,
-                }  # fmt: skip
-                row["device"] = "cuda" if torch.cuda.is_available() else "cpu"
-                rows.append(row)
-                ratio = f"{row['state_vs_zero0']:.2f}" if zero0 else "-"
-                figures = [row["images_per_s"], worst["step_ms"], worst["params_mb"],
-                           worst["optim_mb"], worst.get("teacher_mb", 0.0),
-                           max(r["peak_mem_gb"] for r in ranks)]  # fmt: skip
-                cells = "".join(f"{v:>9.2f}" for v in figures)
-                print(f"{method:<6}{backbone:<22}{stage:>5}{cells}{ratio:>7}", flush=True)
+    columns = ["img/s", "GFLOP/im", "MFU %", "ms/step", "params", "optim", "teacher", "peak GB"]
+    print(f"{'method':<6}{'backbone':<22}{'ZeRO':>5}{'mode':>9}"
+          + "".join(f"{c:>9}" for c in columns) + f"{'vs Z0':>7}")  # fmt: skip
+    zero0: dict[tuple[str, str], float] = {}  # eager ZeRO-0 state per method x backbone
+    for method, backbone, stage, compiled in (
+        (m, b, int(s), c)
+        for m in args.methods.split(",")
+        for b in args.backbones.split(",")
+        for s in args.stages.split(",")
+        for c in modes
+    ):
+        if compiled and stage == 3:
+            print(f"{method:<6}{backbone:<22}{stage:>5}{'compiled':>9}  refused under ZeRO-3")
+            continue
+        row = bench_one(args, method, backbone, stage, compiled, peak, tmp)
+        worst = max(row["ranks"], key=lambda r: r["params_mb"] + r["optim_mb"])
+        state = worst["params_mb"] + worst["optim_mb"]
+        if stage == 0 and not compiled:
+            zero0[method, backbone] = state
+        base = zero0.get((method, backbone))
+        row["state_vs_zero0"] = round(state / base, 3) if base else None
+        rows.append(row)
+        ratio = f"{row['state_vs_zero0']:.2f}" if base else "-"
+        mfu = f"{100 * row['mfu']:>9.2f}" if row["mfu"] is not None else f"{'-':>9}"
+        figures = [
+            worst["step_ms"],
+            worst["params_mb"],
+            worst["optim_mb"],
+            worst.get("teacher_mb", 0.0),
+            max(r["peak_mem_gb"] for r in row["ranks"]),
+        ]
+        cells = "".join(f"{v:>9.2f}" for v in figures)
+        mode = "compiled" if compiled else "eager"
+        print(f"{method:<6}{backbone:<22}{stage:>5}{mode:>9}{row['images_per_s']:>9.2f}"
+              f"{row['gflop_per_image']:>9.1f}{mfu}{cells}{ratio:>7}", flush=True)  # fmt: skip
     args.json.write_text(json.dumps(rows, indent=2) + "\n")
     print(f"wrote {args.json}")
 

@@ -29,6 +29,8 @@ def recipe():
         "data.val.shards=/data/v",
         "data.workers=4",
         "model.grad_checkpointing=true",
+        "train.batch_size=4",  # the launcher and the trainer keep the global batch
+        "train.grad_accum=2",
     ],
 )
 def test_resumable_changes_are_accepted(recipe, override):
@@ -43,7 +45,7 @@ def test_resumable_changes_are_accepted(recipe, override):
         ("method.name=mae", "method.name"),
         ("data.train.shards=/data/b", "data.train.shards"),
         ("optim.lr=0.1", "optim.lr"),
-        ("train.batch_size=4", "train.batch_size"),
+        ("train.precision=fp16", "train.precision"),
         ("run.seed=3", "run.seed"),
     ],
 )
