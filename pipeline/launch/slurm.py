@@ -131,11 +131,26 @@ def requeue_if_timed_out(code: int, rank: int) -> bool:
     if not requeue_wanted():
         log.warning("stopped on %s: not requeueing job %s", signals_received(), job_id)
         return False
+    # A cancel marks the job before its SIGTERM reaches us, and `scontrol requeue` would bring a
+    # cancelled job back: requeue only a job SLURM still lists as running.
+    state = _job_state(job_id)
+    if state != "RUNNING":
+        log.warning("time limit, but job %s is %s: not requeueing it", job_id, state)
+        return False
     log.warning("time limit: requeueing job %s to resume from the committed checkpoint", job_id)
     out = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
     if out.returncode != 0:
         log.error("scontrol requeue %s failed: %s", job_id, (out.stderr or out.stdout).strip())
     return out.returncode == 0
+
+
+def _job_state(job_id: str) -> str | None:
+    """SLURM's JobState of a job (None when it cannot be told)."""
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
+    for field in out.stdout.split():
+        if field.startswith("JobState="):
+            return field.split("=", 1)[1]
+    return None
 
 
 def submit(recipe: Recipe, run_dir: Path, config: Path, stages: list[str] | None) -> Any:
