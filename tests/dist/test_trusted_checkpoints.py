@@ -94,9 +94,6 @@ def plant(tag: Path, name: str, marker: Path) -> None:
     "name", ["rank-00000.pt", "shared-teacher.pt", "mp_rank_00_model_states.pt"]
 )
 def test_a_pickle_in_any_file_is_refused_and_never_runs(finished_run, shards, tmp_path, name):
-    from pipeline.eval.export import ExportError
-    from pipeline.stages import evaluated_backbone
-
     run_dir = copy_run(finished_run, tmp_path / "run")
     tag = newest_tag(run_dir)
     marker = tmp_path / "marker"
@@ -111,10 +108,12 @@ def test_a_pickle_in_any_file_is_refused_and_never_runs(finished_run, shards, tm
     assert str(tag / name) in resumed.stderr, resumed.stderr[-3000:]
     assert not marker.exists()
 
-    # Evaluation with eval.checkpoint (what `--stage knn` builds its backbone from).
-    recipe = load_recipe(run_dir / "config.yaml", [f"eval.checkpoint={run_dir}"])
-    with pytest.raises(ExportError, match=str(tag / name)):
-        evaluated_backbone(recipe, run_dir)
+    # `--stage knn` of another run, evaluating this one's checkpoint (the launcher, for real).
+    evaluator = tmp_path / "evaluator"
+    knn = launch(*common(shards, evaluator), "--stage", "knn", f"eval.checkpoint={run_dir}",
+                 f"data.val.shards={shards}")  # fmt: skip
+    assert knn.returncode != 0
+    assert str(tag / name) in knn.stderr, knn.stderr[-3000:]
     assert not marker.exists()
 
     # Export, and --verify.
