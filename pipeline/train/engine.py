@@ -87,16 +87,38 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     return list(groups.values())
 
 
-def param_group_table(groups: list[dict[str, Any]]) -> str:
-    """One line per group (name, parameters, weight decay, lr scale) and the no-decay names."""
+def param_group_table(groups: list[dict[str, Any]], names_file: Path | None = None) -> str:
+    """One line per group (name, tensors, parameters, weight decay, lr scale), then what the
+    no-decay groups hold, counted by kind (`bias`, `weight` of norms, `pos_embed`, ...).
+
+    The full name list of every group goes to `names_file` (when given; rank 0 passes the run
+    directory's `param_groups.txt`): dozens of names on one log line are not read by anyone.
+    """
     lines = [f"{'group':<22}{'tensors':>8}{'params':>14}  {'weight decay':<14}lr"]
+    kinds: dict[str, int] = {}
     for g in groups:
         n = sum(getattr(p, "ds_numel", p.numel()) for p in g["params"])
         wd = "schedule" if g["apply_wd"] else "0"
         lr = "x1, 0 while frozen" if "last_layer" in g["group_name"] else "x1"
         lines.append(f"{g['group_name']:<22}{len(g['params']):>8}{n:>14,}  {wd:<14}{lr}")
         if not g["apply_wd"]:
-            lines.append("    " + ", ".join(g["names"]))
+            for name in g["names"]:
+                kind = name.rsplit(".", 1)[-1].replace("weight", "1-D weight (norm)")
+                kinds[kind] = kinds.get(kind, 0) + 1
+    if kinds:
+        held = ", ".join(f"{k} x{v}" if v > 1 else k for k, v in sorted(kinds.items()))
+        lines.append(f"no weight decay on: {held}")
+    if names_file is not None:
+        from pipeline.fileio import write_atomic
+
+        text = "".join(
+            f"[{g['group_name']}] {len(g['names'])} tensors\n"
+            + "".join(f"{x}\n" for x in g["names"])
+            for g in groups
+        )
+        names_file.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(names_file, text)
+        lines.append(f"names of every group: {names_file}")
     return "\n".join(lines)
 
 
@@ -219,7 +241,8 @@ def pretrain(
     device = env.device
     method = recipe.method.name
     groups = param_groups(student, recipe.optim.weight_decay)
-    table = param_group_table(groups)  # before DeepSpeed swaps the groups' tensors for flat ones
+    # Before DeepSpeed swaps the groups' tensors for flat ones; the name lists to a file.
+    table = param_group_table(groups, run_dir / "param_groups.txt" if env.is_main else None)
     ds_config = deepspeed_config(recipe)
     engine, optimizer, _, _ = deepspeed.initialize(
         model=student, model_parameters=groups, config=ds_config
@@ -347,9 +370,17 @@ def pretrain(
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
-    """The seed of one rank's device-side randomness at one step: distinct for every
-    (seed, step, rank), at any world size (a hash of the three, not a linear mix)."""
-    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0] >> 1)
+    """The seed of one rank's device-side randomness at one step, distinct for every
+    (step, rank) of a run at any world size.
+
+    Ranks below 1009 keep the linear mix earlier versions used (so a run resumed after an upgrade
+    draws the same augmentations); it would collide from rank 1009 on (step s, rank r+1009 =
+    step s+1, rank r), so those ranks take a hash of (seed, step, rank) in a range the linear
+    mix never reaches (at or above 2^62)."""
+    if rank < 1009:
+        return seed * 1_000_003 + step * 1009 + rank
+    mixed = int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0])
+    return (1 << 62) | (mixed >> 2)
 
 
 def _pick_resume_tag(ckpt: CheckpointManager, env: DistEnv) -> Path | None:

@@ -59,5 +59,6 @@ def test_step_seeds_are_distinct_for_4096_ranks_over_many_steps():
     seeds = {step_seed(0, step, rank) for step in range(0, 2000, 37) for rank in range(4096)}
     assert len(seeds) == 4096 * len(range(0, 2000, 37))
     assert all(0 <= s < 2**63 for s in seeds)  # torch.Generator.manual_seed takes any of them
-    # The old linear mix collided as soon as a rank number reached 1009 (one step's stride).
+    # The linear mix alone collided as soon as a rank number reached 1009 (one step's stride).
     assert step_seed(0, 1, 0) != step_seed(0, 0, 1009)
+    assert step_seed(5, 7, 3) == 5 * 1_000_003 + 7 * 1009 + 3  # runs resume with their draws
