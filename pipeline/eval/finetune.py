@@ -26,6 +26,7 @@ Not here: feature probes (knn.py, linear.py); a resume at another world size und
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -33,6 +34,7 @@ import math
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -257,6 +259,18 @@ def latest_checkpoint(root: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+@contextlib.contextmanager
+def _quiet(logger: str, level: int = logging.WARNING) -> Iterator[None]:
+    """Raise `logger`'s level for the duration of the block."""
+    log_ = logging.getLogger(logger)
+    before = log_.level
+    log_.setLevel(max(level, before))
+    try:
+        yield
+    finally:
+        log_.setLevel(before)
+
+
 def save_checkpoint(
     accelerator: Any,
     root: Path,
@@ -274,7 +288,8 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)  # left over by a crash mid-save
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    with _quiet("accelerate"):  # 4 INFO lines per save (every epoch) drown the run's own log
+        accelerator.save_state(str(tmp))
     torch.save(loader.state_dict(), tmp / f"loader-rank{accelerator.process_index:05d}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
