@@ -164,8 +164,12 @@ def _draw_panels(
             ax.plot(xs, ys, label=label, marker=marker, markersize=3, linewidth=1.2)
         for label, y in panel.refs.items():
             ax.axhline(y, color="grey", linestyle="--", linewidth=1.0, label=label)
-        if panel.log_y and all(y > 0 for _, _, ys in panel.lines for y in ys):
+        values = [y for _, _, ys in panel.lines for y in ys]
+        if panel.log_y and values and min(values) > 0:
             ax.set_yscale("log")
+        elif panel.log_y and values and min(values) == 0 and max(values) > 0:
+            # Losses rounded to 0 (a head that fits its few shots): log above the smallest one.
+            ax.set_yscale("symlog", linthresh=min(y for y in values if y > 0))
         if panel.x_log:
             ax.set_xscale("log")
         ax.set_title(panel.title, fontsize=10)
@@ -255,10 +259,10 @@ def plot_eval(records: list[dict], path: Path, title: str) -> Path | None:
         for label, subset in by_set.items():
             lines = _lines(subset, x_key, keys)
             if lines:
-                title = f"{panel_title} [{label}]" if label and len(by_set) > 1 else panel_title
+                name = f"{panel_title} [{label}]" if label and len(by_set) > 1 else panel_title
                 if len(lines) > MAX_LEGEND:
-                    title += f": {len(lines)} heads"
-                panels.append(Panel(title, lines, log_y=group == "loss"))
+                    name += f": {len(lines)} heads"
+                panels.append(Panel(name, lines, log_y=group == "loss"))
     if not panels:
         return None
     return _draw_panels(panels, x_key, title, path)
