@@ -38,6 +38,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from quickstart import quiet_environ  # noqa: E402  (tools/, this script's folder)
+
 from pipeline.eval.plots import MODELS, comparison  # noqa: E402
 
 PROTOCOLS = ("knn", "logreg", "linear", "fewshot")
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     code = subprocess.call(
         [sys.executable, str(ROOT / "tools" / "launch.py"), str(recipe_path), *mode,
          *args.overrides],
-        cwd=ROOT,
+        cwd=ROOT, env=quiet_environ(),
     )  # fmt: skip
     if code != 0 or args.nodes is not None:
         if code == 0:
