@@ -14,8 +14,8 @@ combination eager and with `train.compile` (compiled transformer blocks) side by
 refuses compilation, so its compiled row is skipped.
 
 Each combination runs in fresh processes (one per rank, gloo on CPU, NCCL on GPU): the real
-engine pieces (`build_method`, `deepspeed_config`, the teacher, `train_step`) on synthetic uint8
-batches, so the figure is the step itself, not the loader (see `tools/bench_loader.py`). The
+engine pieces (`build_objective`, `deepspeed_config`, `StepContext`, `train_step`) on synthetic
+uint8 batches, so the figure is the step itself, not the loader (see `tools/bench_loader.py`). The
 method settings come from the paper recipes (DINO: `recipes/dino_vits16.yaml`, MAE:
 `recipes/mae_vitb16.yaml`), with the backbone, crop size, batch, precision and stage replaced.
 
@@ -106,44 +106,33 @@ def _rank(rank: int, world_size: int, port: int, job: dict, out: str) -> None:
 
     from pipeline.models import compile_blocks
     from pipeline.train.distributed import DistEnv, finish_and_exit, init_distributed
-    from pipeline.train.engine import (
-        StepContext,
-        _augment_fn,
-        build_method,
-        deepspeed_config,
-        param_groups,
-        train_step,
-    )
+    from pipeline.train.engine import DTYPES, StepContext, deepspeed_config, train_step
     from pipeline.train.metrics import peak_memory_gb
-    from pipeline.train.teacher import build_teacher
+    from pipeline.train.objectives import build_objective
 
     env = DistEnv(rank, rank, world_size)
     init_distributed(env)
     recipe = load_recipe(RECIPES[job["method"]], job["overrides"])
     torch.manual_seed(0)
-    student, teacher_module = build_method(recipe)
+    objective = build_objective(recipe)
     ds_config = deepspeed_config(recipe)
-    groups = param_groups(student, recipe.optim.weight_decay)
+    groups = objective.param_groups(recipe.optim.weight_decay)
     if recipe.train.compile:
-        for module in (student, teacher_module):
-            if module is not None:
-                compile_blocks(module)
+        for module in objective.modules():
+            compile_blocks(module)
     engine, optimizer, _, _ = deepspeed.initialize(
-        model=student, model_parameters=groups, config=ds_config
+        model=objective.student, model_parameters=groups, config=ds_config
     )
     for g in optimizer.param_groups:
         g["lr"] = 1e-4
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     ctx = StepContext(
-        method=job["method"],
+        objective=objective,
         device=env.device,
-        dtype=dtype[recipe.train.precision],
-        augment=_augment_fn(recipe),
+        dtype=DTYPES[recipe.train.precision],
         generator=torch.Generator(env.device).manual_seed(rank),
         world_size=world_size,
     )
-    if teacher_module is not None:
-        ctx.teacher = build_teacher(teacher_module, engine, ds_config, env.device)
+    objective.attach(engine, ds_config, env.device)
     gen = torch.Generator().manual_seed(rank)
     batch = synthetic_batch(recipe, job["method"], job["batch"], gen)
     values = {"step": 0, "lr": 1e-4, "wd": 0.04, "momentum": 0.996, "teacher_temp": 0.04}
@@ -161,7 +150,7 @@ def _rank(rank: int, world_size: int, port: int, job: dict, out: str) -> None:
         "step_ms": round(1000 * seconds, 1),
         "images_per_s": round(job["batch"] * world_size / seconds, 2),
         "peak_mem_gb": round(peak_memory_gb(env.device), 3),
-        **state_memory(engine, ctx.teacher),
+        **state_memory(engine, getattr(objective, "teacher", None)),
     }
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     finish_and_exit()
@@ -199,7 +188,7 @@ def bench_one(
     ]
     job = {"method": method, "overrides": overrides, "batch": args.batch,
            "steps": args.steps, "warmup": args.warmup}  # fmt: skip
-    flops = method_step_flops(load_recipe(RECIPES[method], overrides))["step"]
+    flops = method_step_flops(load_recipe(RECIPES[method], overrides))
     ranks = run_job(job, args.world_size, tmp)
     images = ranks[0]["images_per_s"]
     per_device = images * flops / args.world_size

@@ -43,7 +43,7 @@ import numpy as np
 import PIL
 from PIL import Image, ImageFile
 
-from pipeline.fileio import write_atomic
+from pipeline.fileio import HashingWriter, file_digest, write_atomic
 
 MANIFEST_NAME = "manifest.json"
 REJECTED_NAME = "rejected.txt"
@@ -475,31 +475,6 @@ def _fingerprint(
 # Writing
 
 
-class _HashingFile:
-    """A write-only file wrapper that hashes and counts what passes through it."""
-
-    def __init__(self, f: Any) -> None:
-        self.f = f
-        self.sha = hashlib.sha256()
-        self.count = 0
-
-    def write(self, data: bytes) -> int:
-        self.sha.update(data)
-        self.count += len(data)
-        return self.f.write(data)
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _read_sidecar(path: Path) -> str | None:
     """The sha256 in a `sha256sum`-style sidecar, or None when missing or malformed."""
     try:
@@ -521,7 +496,7 @@ def _shard_is_complete(out: Path, index: int, shard: list[_Sample]) -> bool:
     """A kept shard must match its sidecar's sha256 and hold exactly the planned members."""
     path = out / _shard_name(index)
     expected = _read_sidecar(path.with_name(path.name + ".sha256"))
-    if expected is None or not path.is_file() or _file_sha256(path) != expected:
+    if expected is None or not path.is_file() or file_digest(path)[1] != expected:
         return False
     members = _tar_member_sizes(path)
     planned = [m for s in shard for m in s.members()]
@@ -547,7 +522,7 @@ def _write_shard(
     final = out / name
     tmp = out / (name + ".tmp")
     with open(tmp, "wb") as raw:
-        hashing = _HashingFile(raw)
+        hashing = HashingWriter(raw)
         writer = webdataset.TarWriter(
             hashing, user=_TAR_OWNER, group=_TAR_OWNER, mtime=_TAR_MTIME, encoder=False
         )
@@ -555,7 +530,7 @@ def _write_shard(
             if sample.size is not None and len(image) != sample.size:
                 raise RuntimeError(f"{sample.file} changed while shards were being written")
             if crash_midway and position == len(shard) // 2:
-                raw.flush()
+                hashing.flush()
                 raise SystemExit(f"{FAIL_AFTER_ENV}: simulated crash while writing {tmp}")
             # TarWriter.write sorts a sample's members by extension; one call per member keeps
             # the documented order (image, cls, json) under the same key.
@@ -564,17 +539,17 @@ def _write_shard(
                 writer.write({"__key__": sample.key, "cls": str(sample.label).encode()})
             writer.write({"__key__": sample.key, "json": sample.meta})
         writer.close()
+        sha = hashing.hexdigest()  # writes out what the hashing stream still holds
         raw.flush()
         os.fsync(raw.fileno())
     if all(s.size is not None for s in shard):
         # Byte limits were planned with _tar_bytes; a different real size would break them.
         planned = _tar_bytes(sum(_sample_bytes(s) for s in shard))
-        if hashing.count != planned:
-            raise RuntimeError(f"{tmp}: {hashing.count} bytes written, {planned} planned")
-    sha = hashing.sha.hexdigest()
+        if hashing.size != planned:
+            raise RuntimeError(f"{tmp}: {hashing.size} bytes written, {planned} planned")
     write_atomic(final.with_name(name + ".sha256"), f"{sha}  {name}\n".encode())
     os.replace(tmp, final)
-    return ShardInfo(name=name, samples=len(shard), bytes=hashing.count, sha256=sha)
+    return ShardInfo(name=name, samples=len(shard), bytes=hashing.size, sha256=sha)
 
 
 class _Progress:
@@ -971,7 +946,7 @@ def verify_shards(out: str | Path) -> list[str]:
         size = path.stat().st_size
         if size != shard.bytes:
             problems.append(f"{shard.name}: {size} bytes, manifest says {shard.bytes}")
-        if _file_sha256(path) != shard.sha256:
+        if file_digest(path)[1] != shard.sha256:
             problems.append(f"{shard.name}: sha256 differs from the manifest")
         count, found = _check_tar(path)
         problems += found

@@ -6,7 +6,7 @@ This module holds the single-device maths:
 - `DINOLoss`: teacher centring + sharpening, the cross-view cross-entropy, the centre EMA and the
   collapse monitors; the centre is a buffer, so it is in every `state_dict` (exact resume);
 - `DINO`: the student (backbone + head + loss), the module the engine wraps;
-- teacher helpers as plain functions: `make_teacher`, `teacher_forward`, `ema_update_`.
+- teacher helpers as plain functions: `make_teacher`, `ema_update_`.
 
 It deliberately does not hold: collectives (the centre's all-reduce is passed in as a function),
 device placement, schedules (teacher momentum and temperature come in as numbers, computed by
@@ -277,7 +277,6 @@ class DINO(nn.Module):
         )
         self.criterion = DINOLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum)
         self.koleo_weight = cfg.koleo_weight
-        self.freeze_last_layer_epochs = cfg.freeze_last_layer_epochs
 
     def embed(self, views: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Student head outputs for every view (globals first, then locals), (B, out_dim) each."""
@@ -310,17 +309,6 @@ class DINO(nn.Module):
     ) -> None:
         """See `DINOLoss.update_center`; call once per step with the same teacher outputs."""
         self.criterion.update_center(teacher_out, all_reduce, world_size)
-
-    def cancel_last_layer_grads(self, epoch: float) -> None:
-        """Drop the prototypes layer's gradients while `epoch < freeze_last_layer_epochs`.
-
-        DINO keeps that layer fixed during the first epoch(s), which stabilises the start. Call it
-        after backward and before the optimizer step.
-        """
-        if epoch >= self.freeze_last_layer_epochs:
-            return
-        for p in self.head.last_layer.parameters():
-            p.grad = None
 
     def no_weight_decay(self) -> set[str]:
         """Backbone's no-decay names (prefixed) and the head's 1-D parameters (biases), as in DINO.
@@ -369,12 +357,6 @@ def make_teacher(student: DINO) -> DINOTeacher:
             module.p = 0.0
     teacher.requires_grad_(False)
     return teacher.eval()
-
-
-def teacher_forward(teacher: nn.Module, global_views: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Teacher head outputs for the global views, without autograd."""
-    with torch.no_grad():
-        return teacher(global_views)
 
 
 def ema_parameters(

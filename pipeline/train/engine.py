@@ -1,23 +1,24 @@
-"""Pretraining under DeepSpeed: the method, its engine, and the step loop.
+"""Pretraining under DeepSpeed: one `Trainer`, one loop, any objective.
 
-`pretrain` reads top to bottom: resume -> for each step: schedules -> data -> device-side
-augmentation -> (DINO: teacher forward) -> forward -> backward/step -> (DINO: teacher EMA, centre)
--> log -> checkpoint -> stop. `train_step` is importable alone for tests.
+`Trainer(recipe, env, run_dir)` builds everything from the recipe (the objective and its modules,
+the DeepSpeed engine, the loader, the schedules, the checkpoint manager, the stop handling) and
+`fit()` runs the loop, which reads top to bottom: for each step: schedules -> data -> the
+objective's device-side augmentation -> its loss -> backward/step -> its after-step work (DINO:
+teacher EMA and centre) -> log -> checkpoint -> stop. What differs between MAE and DINO lives in
+`pipeline.train.objectives`; the loop has no method branches. `train_step` runs one micro-step
+and is public for benchmarks and tests; `pretrain` is `Trainer(...).fit()`.
 
 Precision, ZeRO stage, accumulation and clipping come from the recipe; parameter groups are made
-by NAME (never by `ndim`, which ZeRO-3 hides), and their table is printed at start-up.
-
-The DINO teacher lives in `teacher.py` (a full copy under ZeRO 0-2, partitioned like the student
-under ZeRO-3); figures go through `metrics.py`; stop signals through `preemption.py`: a requested
-stop saves the current step on every rank and returns, for the launcher to requeue.
+by NAME (never by `ndim`, which ZeRO-3 hides), and their table is printed at start-up. Figures go
+through `metrics.py`; stop signals through `preemption.py`: a requested stop saves the current
+step on every rank and returns, for the launcher to requeue.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,64 +28,42 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.config import Recipe, recipe_hash, save_recipe
-from pipeline.data.device_crops import device_views, to_device
+from pipeline.data.device_crops import to_device
 from pipeline.data.loader import build_train_loader
-from pipeline.data.transforms import DeviceAugment, normalize
-from pipeline.methods.dino import DINO, make_teacher
-from pipeline.methods.mae import MAE
-from pipeline.models import build_backbone, compile_blocks
+from pipeline.models import compile_blocks
 from pipeline.train.checkpoint import CheckpointError, CheckpointManager, rng_state, set_rng_state
-from pipeline.train.distributed import DistEnv, all_reduce_sum, every_rank, init_distributed
+from pipeline.train.distributed import DistEnv, every_rank, init_distributed
 from pipeline.train.metrics import MetricsWriter, SampleLog, peak_memory_gb
+from pipeline.train.objectives import Objective, build_objective, param_groups
 from pipeline.train.preemption import StopFlag
 from pipeline.train.schedules import Schedules, rewarm_factor
-from pipeline.train.teacher import Teacher, build_teacher
 from pipeline.train.weights import init_method, method_weights
 
 log = logging.getLogger(__name__)
+
+__all__ = [
+    "StepContext",
+    "Trainer",
+    "build_method",
+    "deepspeed_config",
+    "param_group_table",
+    "param_groups",
+    "pretrain",
+    "step_seed",
+    "train_step",
+]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # Building -------------------------------------------------------------------------------------
 
 
 def build_method(recipe: Recipe) -> tuple[nn.Module, nn.Module | None]:
-    """The student module the engine wraps, and the DINO teacher (None for MAE)."""
-    m = recipe.model
-    backbone = build_backbone(
-        m.backbone,
-        drop_path_rate=m.drop_path_rate,
-        grad_checkpointing=m.grad_checkpointing,
-        **m.overrides,
-    )
-    if recipe.method.name == "mae":
-        return MAE(backbone, recipe.method.mae), None
-    student = DINO(backbone, recipe.method.dino)
-    return student, make_teacher(student)
-
-
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups by parameter name: decayed, not decayed, and DINO's prototypes layer.
-
-    The prototypes layer gets a group of its own so it can be frozen (lr 0) for the first
-    epoch(s): under ZeRO, gradients live in the engine's buffers, so clearing `p.grad` does not.
-    """
-    no_decay = module.no_weight_decay()
-    groups: dict[str, dict[str, Any]] = {}
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        decay = name not in no_decay
-        prefix = "last_layer_" if "head.last_layer" in name else ""
-        key = prefix + ("decay" if decay else "no_decay")
-        group = groups.setdefault(
-            key,
-            {"params": [], "names": [], "group_name": key, "apply_wd": decay},
-        )
-        group["params"].append(p)
-        group["names"].append(name)
-    for g in groups.values():
-        g["weight_decay"] = weight_decay if g["apply_wd"] else 0.0
-    return list(groups.values())
+    """The student module the engine wraps, and the module that follows it without gradients
+    (DINO's teacher; None for MAE), as the recipe's objective builds them."""
+    objective = build_objective(recipe)
+    return objective.student, (objective.followers[0] if objective.followers else None)
 
 
 def param_group_table(groups: list[dict[str, Any]], names_file: Path | None = None) -> str:
@@ -153,31 +132,25 @@ def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
 
 @dataclass
 class StepContext:
-    """What a step needs besides the batch: method, augmentation, teacher, randomness."""
+    """What a step needs besides the engine and the batch."""
 
-    method: str
+    objective: Objective
     device: torch.device
     dtype: torch.dtype
-    augment: Callable[[list[torch.Tensor], torch.Generator], list[torch.Tensor]]
     generator: torch.Generator
     world_size: int = 1
-    teacher: Teacher | None = None
     nan_policy: str = "stop"
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def train_step(engine: Any, batch: dict, values: dict[str, float], ctx: StepContext) -> dict:
     """One micro-step on one batch; returns float logs (empty when the step was skipped).
 
-    The teacher's EMA and the DINO centre move at optimizer-step boundaries only.
+    The objective's after-step work (DINO: teacher EMA, centre) runs at optimizer-step
+    boundaries only.
     """
     views = to_device(batch["views"], ctx.device)  # uint8 views, or a CropBatch to cut there
-    views = [v.to(ctx.dtype) for v in ctx.augment(views, ctx.generator)]
-    if ctx.method == "dino":
-        teacher_out = ctx.teacher.forward(views[:2])
-        out = engine(views, teacher_out, values["teacher_temp"])
-    else:
-        out = engine(views[0], ctx.generator)
+    views = [v.to(ctx.dtype) for v in ctx.objective.augment(views, ctx.generator)]
+    out = ctx.objective.loss(engine, views, values, ctx.generator)
     loss = out["loss"]
     if not every_rank(bool(torch.isfinite(loss))):
         if ctx.nan_policy == "stop":
@@ -190,183 +163,194 @@ def train_step(engine: Any, batch: dict, values: dict[str, float], ctx: StepCont
     engine.backward(loss)
     boundary = engine.is_gradient_accumulation_boundary()
     engine.step()
-    if ctx.method == "dino" and boundary:
-        ctx.teacher.update(values["momentum"])
-        engine.module.update_center(teacher_out, all_reduce_sum, ctx.world_size)
+    if boundary:
+        ctx.objective.after_optimizer_step(engine, values, ctx.world_size)
     logs = {"loss": float(loss.detach())}
     logs.update({k: float(v) for k, v in out["logs"].items()})
     return logs
 
 
-# The loop -------------------------------------------------------------------------------------
+# The trainer ----------------------------------------------------------------------------------
 
 
-def _set_schedules(optimizer: Any, values: dict[str, float], frozen_last_layer: bool) -> None:
+def _set_schedules(optimizer: Any, values: dict[str, float], scale: Any, epoch: float) -> None:
     for g in optimizer.param_groups:
-        g["lr"] = 0.0 if frozen_last_layer and "last_layer" in g["group_name"] else values["lr"]
+        g["lr"] = values["lr"] * scale(g["group_name"], epoch)
         g["weight_decay"] = values["wd"] if g["apply_wd"] else 0.0
+
+
+class Trainer:
+    """Pretraining (or its resumption) of `recipe` in `run_dir` on this rank; see the module
+    docstring. Building is collective (DeepSpeed, the resume tag); so is `fit`."""
+
+    def __init__(
+        self, recipe: Recipe, env: DistEnv, run_dir: Path, *, progress: bool = True
+    ) -> None:
+        import deepspeed
+
+        self.recipe, self.env, self.run_dir, self.progress = recipe, env, run_dir, progress
+        init_distributed(env)
+        torch.manual_seed(recipe.run.seed)  # identical initial weights on every rank
+        self.objective = objective = build_objective(recipe)
+        self.ckpt = CheckpointManager(
+            run_dir / "checkpoints",
+            rank=env.rank,
+            world_size=env.world_size,
+            keep=recipe.checkpoint.keep,
+            recipe_hash=recipe_hash(recipe),
+            verify=recipe.checkpoint.verify,
+        )
+        resume_tag = _pick_resume_tag(self.ckpt, env)
+        if resume_tag is None and recipe.model.init_from:
+            # Every rank reads the same file (like the seeded initialisation it replaces).
+            source = recipe.model.init_from
+            followers = objective.followers[0] if objective.followers else None
+            init_method(objective.student, followers, method_weights(Path(source)),
+                        ignore=recipe.model.init_from_ignore, source=source)  # fmt: skip
+        if recipe.train.compile:
+            compiled = sum(compile_blocks(m) for m in objective.modules())
+            if env.is_main:
+                log.info("train.compile: %d transformer blocks compiled", compiled)
+        groups = objective.param_groups(recipe.optim.weight_decay)
+        # Before DeepSpeed swaps the groups' tensors for flat ones; the name lists to a file.
+        table = param_group_table(groups, run_dir / "param_groups.txt" if env.is_main else None)
+        ds_config = deepspeed_config(recipe)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=objective.student, model_parameters=groups, config=ds_config
+        )
+        if env.is_main:
+            log.info("parameter groups:\n%s", table)
+        self.ctx = StepContext(
+            objective=objective,
+            device=env.device,
+            dtype=DTYPES[recipe.train.precision],
+            generator=torch.Generator(env.device),
+            world_size=env.world_size,
+            nan_policy=recipe.train.nan_policy,
+        )
+        objective.attach(self.engine, ds_config, env.device)
+
+        backbone = self.engine.module.backbone
+        self.loader = build_train_loader(
+            recipe.data,
+            method=recipe.method.name,
+            stride=backbone.patch_size,
+            batch_size=recipe.train.batch_size,
+            rank=env.rank,
+            world_size=env.world_size,
+            seed=recipe.run.seed,
+            num_prefix_tokens=getattr(backbone, "num_prefix_tokens", 0),
+            agree=every_rank if env.world_size > 1 else None,
+        )
+        steps_per_epoch = max(len(self.loader) // recipe.train.grad_accum, 1)
+        self.total = recipe.train.steps or recipe.train.epochs * steps_per_epoch
+        self.global_batch = recipe.train.batch_size * recipe.train.grad_accum * env.world_size
+        self.sched = Schedules(recipe.optim, objective.schedule_config, steps_per_epoch,
+                               self.total, self.global_batch)  # fmt: skip
+
+        self.step, fresh_moments = _resume(self.ckpt, resume_tag, self.engine, self.loader,
+                                           objective, env, self.global_batch)  # fmt: skip
+        self.rewarm_from = self.step if fresh_moments else None
+        if self.rewarm_from is not None and env.is_main:
+            log.warning("re-warming the learning rate over %d steps from step %d (fresh AdamW "
+                        "moments)", self.sched.rewarm_steps, self.step)  # fmt: skip
+        if self.step == 0 and env.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_recipe(recipe, run_dir / "config.yaml")
+
+    def save(self) -> None:
+        """Collective: commit a checkpoint of the current step."""
+        self.ckpt.save(
+            self.engine,
+            self.step,
+            client_state={
+                "step": self.step,
+                "epoch": self.loader.epoch,
+                "samples": self.step * self.global_batch,
+                "global_batch": self.global_batch,
+            },
+            rank_state={"data": self.loader.state_dict(), "rng": rng_state()},
+            shared=self.objective.shared_state() or None,
+        )
+
+    def fit(self) -> dict[str, Any]:
+        """Train to the end (or to a stop signal); returns `{"step", "total", "run_dir",
+        "stopped"}`, `stopped` naming the signal when a stop request ended the run early, after
+        a committed checkpoint."""
+        recipe, env, sched, objective = self.recipe, self.env, self.sched, self.objective
+        writer = MetricsWriter(
+            self.run_dir,
+            enabled=env.is_main,
+            total_steps=self.total,
+            start_step=self.step,
+            tensorboard=recipe.log.tensorboard,
+            progress=self.progress,
+        )
+        samples = SampleLog(
+            self.run_dir, env.rank, enabled=recipe.log.sample_ids, start_step=self.step
+        )
+        stop = StopFlag()
+        stopped = None
+        batches = iter(self.loader)
+        last = time.perf_counter()
+        try:
+            while self.step < self.total:
+                step = self.step
+                values = {"step": step, **sched.at(step)}
+                if self.rewarm_from is not None:
+                    values["lr"] *= rewarm_factor(step, self.rewarm_from, sched.rewarm_steps)
+                _set_schedules(self.optimizer, values, objective.lr_scale, sched.epoch(step))
+                self.ctx.generator.manual_seed(step_seed(recipe.run.seed, step, env.rank))
+                data_time, ids = 0.0, []
+                for _ in range(recipe.train.grad_accum):
+                    wait = time.perf_counter()
+                    batch = next(batches, None)
+                    if batch is None:  # epoch end: the loader starts the next epoch
+                        batches = iter(self.loader)
+                        batch = next(batches)
+                    data_time += time.perf_counter() - wait
+                    ids += batch["id"].tolist()
+                    logs = train_step(self.engine, batch, values, self.ctx)
+                self.step = step = step + 1
+                now = time.perf_counter()
+                record = None
+                if logs and step % recipe.log.every_steps == 0:
+                    record = {
+                        "step": step,
+                        "samples": step * self.global_batch,
+                        "epoch": round(sched.epoch(step), 4),
+                        **logs,
+                        "lr": values["lr"],
+                        "wd": values["wd"],
+                        "grad_norm": _grad_norm(self.engine),
+                        "images_per_s": round(self.global_batch / (now - last), 2),
+                        "data_time": round(data_time, 4),
+                        "mem_gb": round(peak_memory_gb(env.device), 3),
+                        **{k: values[k] for k in objective.logged_values},
+                    }
+                writer.step(step, record)
+                samples.write(step, ids)
+                last = now
+                if step < self.total and stop.agreed(env.world_size):
+                    stopped = stop.requested or "another rank"
+                    self.save()
+                    log.warning("stopped at step %d on %s; checkpoint committed", step, stopped)
+                    break
+                if step % recipe.checkpoint.every_steps == 0 or step == self.total:
+                    self.save()
+        finally:
+            stop.close()
+            writer.close()
+            samples.close()
+        return {"step": self.step, "total": self.total, "run_dir": str(self.run_dir),
+                "stopped": stopped}  # fmt: skip
 
 
 def pretrain(
     recipe: Recipe, env: DistEnv, run_dir: Path, *, progress: bool = True
 ) -> dict[str, Any]:
-    """Run (or resume) the recipe's pretraining in `run_dir`.
-
-    Returns `{"step", "total", "run_dir", "stopped"}`; `stopped` names the signal when a stop
-    request (SIGUSR1/SIGTERM/SIGINT) ended the run early, after a committed checkpoint.
-    """
-    import deepspeed
-
-    init_distributed(env)
-    torch.manual_seed(recipe.run.seed)  # identical initial weights on every rank
-    student, teacher_module = build_method(recipe)
-    ckpt = CheckpointManager(
-        run_dir / "checkpoints",
-        rank=env.rank,
-        world_size=env.world_size,
-        keep=recipe.checkpoint.keep,
-        recipe_hash=recipe_hash(recipe),
-        verify=recipe.checkpoint.verify,
-    )
-    resume_tag = _pick_resume_tag(ckpt, env)
-    if resume_tag is None and recipe.model.init_from:
-        # Every rank reads the same file (like the seeded initialisation it replaces).
-        source = recipe.model.init_from
-        init_method(student, teacher_module, method_weights(Path(source)),
-                    ignore=recipe.model.init_from_ignore, source=source)  # fmt: skip
-    if recipe.train.compile:
-        compiled = sum(compile_blocks(m) for m in (student, teacher_module) if m is not None)
-        if env.is_main:
-            log.info("train.compile: %d transformer blocks compiled", compiled)
-    device = env.device
-    method = recipe.method.name
-    groups = param_groups(student, recipe.optim.weight_decay)
-    # Before DeepSpeed swaps the groups' tensors for flat ones; the name lists to a file.
-    table = param_group_table(groups, run_dir / "param_groups.txt" if env.is_main else None)
-    ds_config = deepspeed_config(recipe)
-    engine, optimizer, _, _ = deepspeed.initialize(
-        model=student, model_parameters=groups, config=ds_config
-    )
-    if env.is_main:
-        log.info("parameter groups:\n%s", table)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    ctx = StepContext(
-        method=method,
-        device=device,
-        dtype=dtype[recipe.train.precision],
-        augment=_augment_fn(recipe),
-        generator=torch.Generator(device),
-        world_size=env.world_size,
-        nan_policy=recipe.train.nan_policy,
-    )
-    if teacher_module is not None:
-        ctx.teacher = build_teacher(teacher_module, engine, ds_config, device)
-
-    backbone = engine.module.backbone
-    loader = build_train_loader(
-        recipe.data,
-        method=method,
-        stride=backbone.patch_size,
-        batch_size=recipe.train.batch_size,
-        rank=env.rank,
-        world_size=env.world_size,
-        seed=recipe.run.seed,
-        num_prefix_tokens=getattr(backbone, "num_prefix_tokens", 0),
-        agree=every_rank if env.world_size > 1 else None,
-    )
-    steps_per_epoch = max(len(loader) // recipe.train.grad_accum, 1)
-    total = recipe.train.steps or recipe.train.epochs * steps_per_epoch
-    global_batch = recipe.train.batch_size * recipe.train.grad_accum * env.world_size
-    sched = Schedules(recipe.optim, recipe.method.dino if method == "dino" else None,
-                      steps_per_epoch, total, global_batch)  # fmt: skip
-
-    step, fresh_moments = _resume(ckpt, resume_tag, engine, loader, ctx.teacher, env, global_batch)
-    rewarm_from = step if fresh_moments else None
-    if rewarm_from is not None and env.is_main:
-        log.warning("re-warming the learning rate over %d steps from step %d (fresh AdamW moments)",
-                    sched.rewarm_steps, step)  # fmt: skip
-    if step == 0 and env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_recipe(recipe, run_dir / "config.yaml")
-
-    def save() -> None:
-        teacher_state = ctx.teacher.state_dict() if ctx.teacher is not None else None
-        ckpt.save(
-            engine,
-            step,
-            client_state={
-                "step": step,
-                "epoch": loader.epoch,
-                "samples": step * global_batch,
-                "global_batch": global_batch,
-            },
-            rank_state={"data": loader.state_dict(), "rng": rng_state()},
-            shared={"teacher": teacher_state} if teacher_state is not None else None,
-        )
-
-    writer = MetricsWriter(
-        run_dir,
-        enabled=env.is_main,
-        total_steps=total,
-        start_step=step,
-        tensorboard=recipe.log.tensorboard,
-        progress=progress,
-    )
-    samples = SampleLog(run_dir, env.rank, enabled=recipe.log.sample_ids, start_step=step)
-    stop = StopFlag()
-    stopped = None
-    batches = iter(loader)
-    last = time.perf_counter()
-    try:
-        while step < total:
-            values = {"step": step, **sched.at(step)}
-            if rewarm_from is not None:
-                values["lr"] *= rewarm_factor(step, rewarm_from, sched.rewarm_steps)
-            _set_schedules(optimizer, values, sched.epoch(step) < _freeze_epochs(recipe))
-            ctx.generator.manual_seed(step_seed(recipe.run.seed, step, env.rank))
-            data_time, ids = 0.0, []
-            for _ in range(recipe.train.grad_accum):
-                wait = time.perf_counter()
-                batch = next(batches, None)
-                if batch is None:  # epoch end: the loader starts the next epoch
-                    batches = iter(loader)
-                    batch = next(batches)
-                data_time += time.perf_counter() - wait
-                ids += batch["id"].tolist()
-                logs = train_step(engine, batch, values, ctx)
-            step += 1
-            now = time.perf_counter()
-            record = None
-            if logs and step % recipe.log.every_steps == 0:
-                record = {
-                    "step": step,
-                    "samples": step * global_batch,
-                    "epoch": round(sched.epoch(step), 4),
-                    **logs,
-                    "lr": values["lr"],
-                    "wd": values["wd"],
-                    "grad_norm": _grad_norm(engine),
-                    "images_per_s": round(global_batch / (now - last), 2),
-                    "data_time": round(data_time, 4),
-                    "mem_gb": round(peak_memory_gb(device), 3),
-                }
-                if method == "dino":
-                    record.update(momentum=values["momentum"], teacher_temp=values["teacher_temp"])
-            writer.step(step, record)
-            samples.write(step, ids)
-            last = now
-            if step < total and stop.agreed(env.world_size):
-                stopped = stop.requested or "another rank"
-                save()
-                log.warning("stopped at step %d on %s; checkpoint committed", step, stopped)
-                break
-            if step % recipe.checkpoint.every_steps == 0 or step == total:
-                save()
-    finally:
-        stop.close()
-        writer.close()
-        samples.close()
-    return {"step": step, "total": total, "run_dir": str(run_dir), "stopped": stopped}
+    """Run (or resume) the recipe's pretraining in `run_dir`: `Trainer(...).fit()`."""
+    return Trainer(recipe, env, run_dir, progress=progress).fit()
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -402,18 +386,18 @@ def _resume(
     tag: Path | None,
     engine: Any,
     loader: Any,
-    teacher: Teacher | None,
+    objective: Objective,
     env: DistEnv,
     global_batch: int,
-) -> int:
+) -> tuple[int, bool]:
     """Load the committed checkpoint `tag`, if any; returns the step to continue from and whether
     the AdamW moments start afresh (the caller re-warms the learning rate then).
 
     The global batch (per-rank batch x accumulation x ranks) must be the one the run was trained
     with: steps, epochs and every schedule are counted in it (`tools/launch.py` keeps it across
     a change of world size by adjusting `train.grad_accum`). ZeRO-3 optimizer state cannot move
-    to another world size: then the weights, the teacher and the data position are loaded, and
-    the optimizer starts afresh (with a warning).
+    to another world size: then the weights, the objective's shared state (the teacher) and the
+    data position are loaded, and the optimizer starts afresh (with a warning).
     """
     if tag is None:
         return 0, False
@@ -439,8 +423,8 @@ def _resume(
     client, rank_states, shared = ckpt.load(engine, tag, load_optimizer=load_optimizer)
     loader.load_state_dict([s["data"] for s in rank_states])
     set_rng_state(rank_states[env.rank]["rng"] if env.rank < len(rank_states) else {})
-    if teacher is not None:
-        teacher.load_state_dict(shared["teacher"])
+    if shared:
+        objective.load_shared_state(shared)
     if env.is_main:
         log.info("resumed from %s at step %d", tag, client["step"])
     return int(client["step"]), not load_optimizer
@@ -452,17 +436,3 @@ def _grad_norm(engine: Any) -> float | None:
     if norm is None:
         return None
     return round(float(norm), 5)
-
-
-def _freeze_epochs(recipe: Recipe) -> float:
-    return recipe.method.dino.freeze_last_layer_epochs if recipe.method.name == "dino" else 0
-
-
-def _augment_fn(recipe: Recipe) -> Callable[[list[torch.Tensor], torch.Generator], list]:
-    """DINO: the batched colour recipe; MAE: flips were done with the crops, so normalise only.
-    Crops cut on the device (`data.crops.on_device`) arrive as a CropBatch and are cut first."""
-    color = recipe.data.color
-    if recipe.method.name == "dino":
-        augment = DeviceAugment(color, num_global=2)
-        return lambda views, generator: augment(device_views(views), generator)
-    return lambda views, generator: normalize(device_views(views), color.mean, color.std)

@@ -51,29 +51,16 @@ def traced_flops(fn: Callable[[], Any]) -> int:
     return int(counter.get_total_flops())
 
 
-def method_step_flops(recipe: Any, batch: int = 1) -> dict[str, float]:
-    """Per-image FLOPs of one pretraining step of `recipe`'s method at its crop sizes:
-    `{"forward": ..., "step": ...}` (the step counts backward as 2x forward, plus DINO's teacher
-    forward). Traced on the meta device, so any size of model costs nothing to count."""
-    from pipeline.train.engine import build_method  # the modules as the trainer builds them
+def method_step_flops(recipe: Any, batch: int = 1) -> float:
+    """FLOPs per image of one pretraining step of `recipe`'s objective at its crop sizes
+    (backward counted as 2x forward, plus DINO's teacher forward). Traced on the meta device,
+    so any size of model costs nothing to count."""
+    from pipeline.train.objectives import build_objective  # the modules as the trainer builds
 
-    crops = recipe.data.crops
     with torch.device("meta"):
-        student, teacher = build_method(recipe)
-    student.train()
-
-    def images(size: int) -> torch.Tensor:
-        return torch.empty(batch, 3, size, size, device="meta")
-
-    if recipe.method.name == "dino":
-        views = [images(crops.global_size)] * 2 + [images(crops.local_size)] * crops.local_number
-        forward = traced_flops(lambda: student.embed(views))
-        teacher_forward = traced_flops(lambda: teacher(views[:2]))
-        step = 3 * forward + teacher_forward
-    else:
-        forward = traced_flops(lambda: student(images(crops.mae_size), None))
-        step = 3 * forward
-    return {"forward": forward / batch, "step": step / batch}
+        objective = build_objective(recipe)
+    objective.student.train()
+    return objective.step_flops(recipe.data.crops, batch) / batch
 
 
 # Dense bf16 peaks of accelerators (datasheets, TFLOP/s), matched against the device name.

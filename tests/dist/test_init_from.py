@@ -49,12 +49,13 @@ def _worker(rank: int, world_size: int, port: int, method: str, overrides: list,
     import deepspeed
 
     import pipeline.train.engine as engine_mod
+    import pipeline.train.objectives as objectives_mod
     from pipeline.train.distributed import DistEnv
 
     engines, teachers = [], []
     initialize, build_teacher, train_step = (
         deepspeed.initialize,
-        engine_mod.build_teacher,
+        objectives_mod.build_teacher,
         engine_mod.train_step,
     )
 
@@ -69,14 +70,14 @@ def _worker(rank: int, world_size: int, port: int, method: str, overrides: list,
 
     def first_step(engine, batch, values, ctx):
         if not (Path(out) / "start.pt").exists() and values["step"] == 0:
-            outs = fixed_outputs(method, engine.module, ctx.teacher)
+            outs = fixed_outputs(method, engine.module, getattr(ctx.objective, "teacher", None))
             engine.module.train()
             if rank == 0:
                 torch.save(outs, Path(out) / "start.pt")
         return train_step(engine, batch, values, ctx)
 
     deepspeed.initialize = capture_engine
-    engine_mod.build_teacher = capture_teacher
+    objectives_mod.build_teacher = capture_teacher
     engine_mod.train_step = first_step
     recipe = load_recipe(RECIPES / RECIPE[method], overrides)
     run_dir = Path(out) / "run"

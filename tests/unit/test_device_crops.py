@@ -186,13 +186,14 @@ def test_eval_loader_on_device_matches(shards):
         assert max(max_diff(cut_views(a["views"]), b["views"])) <= TOLERANCE
 
 
-def test_augment_fn_cuts_a_crop_batch(shards):
-    from pipeline.train.engine import _augment_fn
+def test_objective_augment_cuts_a_crop_batch(shards):
+    from pipeline.train.objectives import build_objective
 
     for method in ("dino", "mae"):
         r = recipe(shards, "data.crops.on_device=true", f"method.name={method}")
         batch = next(iter(loader_for(r)))
-        views = _augment_fn(r)(to_device(batch["views"], torch.device("cpu")), torch.Generator())
+        augment = build_objective(r).augment
+        views = augment(to_device(batch["views"], torch.device("cpu")), torch.Generator())
         sizes = [(32, 32)] * 2 + [(16, 16)] * 2 if method == "dino" else [(32, 32)]
         assert [tuple(v.shape) for v in views] == [(4, 3, *hw) for hw in sizes]
         assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in views)

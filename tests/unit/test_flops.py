@@ -46,12 +46,12 @@ def test_vit_formula_equals_the_flop_counter(name, size, overrides):
 def test_method_step_flops_match_the_published_sizes():
     dino = method_step_flops(load_recipe(RECIPES / "dino_vits16.yaml"))
     # 2x224 + 10x96 on ViT-S/16: 122 GFLOP for the backbones, plus the DINO heads.
-    assert 122e9 < dino["step"] < 126e9
+    assert 122e9 < dino < 126e9
     mae = method_step_flops(load_recipe(RECIPES / "mae_vitb16.yaml"))
     encoder = vit_forward_flops(patches=49, prefix=1, dim=768, depth=12, mlp_hidden=3072,
                                 patch=16)  # fmt: skip
-    assert encoder < mae["forward"] < 3 * encoder  # plus the 8-block decoder on 196 patches
-    assert mae["step"] == pytest.approx(3 * mae["forward"])
+    # The encoder on the 49 visible patches plus the 8-block decoder on all 196, times 3.
+    assert 3 * encoder < mae < 9 * encoder
 
 
 def test_peak_table_knows_the_h200():

@@ -1,0 +1,202 @@
+"""Pretraining objectives behind one small protocol, so the trainer's loop has no method branches.
+
+An objective owns its modules (the student that DeepSpeed wraps, and any module that follows it
+without gradients, like DINO's teacher) and answers the loop's questions:
+
+- `param_groups(weight_decay)`: AdamW groups by parameter name (never by `ndim`, which ZeRO-3
+  hides), and `lr_scale(group_name, epoch)`: a group's learning-rate factor at a fractional epoch;
+- `augment(views, generator)`: the device-side augmentation of a batch's uint8 views;
+- `attach(engine, ds_config, device)`: anything that needs the built engine (DINO's teacher);
+- `loss(engine, views, values, generator)`: the forward of one micro-batch, `{"loss", "logs"}`;
+- `after_optimizer_step(engine, values, world_size)`: what moves once per optimizer step (DINO's
+  teacher EMA and centre);
+- `shared_state()` / `load_shared_state(state)`: full, shard-agnostic state saved by rank 0 with
+  every checkpoint (the teacher), and `logged_values`: schedule values logged with each step.
+
+`OBJECTIVES` maps `method.name` to its class; `build_objective(recipe)` builds one. A new
+objective is a new class and a line in that table; the loop does not change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.config import Recipe
+from pipeline.data.device_crops import device_views
+from pipeline.data.transforms import DeviceAugment, normalize
+from pipeline.methods.dino import DINO, make_teacher
+from pipeline.methods.mae import MAE
+from pipeline.models import build_backbone
+from pipeline.train.distributed import all_reduce_sum
+from pipeline.train.teacher import Teacher, build_teacher
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups by parameter name: decayed, not decayed, and DINO's prototypes layer.
+
+    The prototypes layer gets a group of its own so it can be frozen (lr 0) for the first
+    epoch(s): under ZeRO, gradients live in the engine's buffers, so clearing `p.grad` does not.
+    """
+    no_decay = module.no_weight_decay()
+    groups: dict[str, dict[str, Any]] = {}
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = name not in no_decay
+        prefix = "last_layer_" if "head.last_layer" in name else ""
+        key = prefix + ("decay" if decay else "no_decay")
+        group = groups.setdefault(
+            key,
+            {"params": [], "names": [], "group_name": key, "apply_wd": decay},
+        )
+        group["params"].append(p)
+        group["names"].append(name)
+    for g in groups.values():
+        g["weight_decay"] = weight_decay if g["apply_wd"] else 0.0
+    return list(groups.values())
+
+
+def _backbone(recipe: Recipe) -> nn.Module:
+    m = recipe.model
+    return build_backbone(
+        m.backbone,
+        drop_path_rate=m.drop_path_rate,
+        grad_checkpointing=m.grad_checkpointing,
+        **m.overrides,
+    )
+
+
+class Objective:
+    """The protocol's defaults: one student, no followers, nothing saved beside the engine."""
+
+    schedule_config: Any = None  # extra schedules for `Schedules` (DINO's teacher)
+    logged_values: tuple[str, ...] = ()
+
+    def __init__(self, recipe: Recipe) -> None:
+        self.recipe = recipe
+        self.student: nn.Module
+        self.followers: tuple[nn.Module, ...] = ()  # modules built with the student, no grads
+
+    def modules(self) -> tuple[nn.Module, ...]:
+        """Every module the objective built, the student first (for compiling, initialising)."""
+        return (self.student, *self.followers)
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        return param_groups(self.student, weight_decay)
+
+    def lr_scale(self, group_name: str, epoch: float) -> float:
+        return 1.0
+
+    def augment(self, views: Any, generator: torch.Generator) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def attach(self, engine: Any, ds_config: dict[str, Any], device: torch.device) -> None:
+        """Called once the student's engine exists."""
+
+    def loss(
+        self, engine: Any, views: list[torch.Tensor], values: dict, generator: torch.Generator
+    ) -> dict:
+        raise NotImplementedError
+
+    def after_optimizer_step(self, engine: Any, values: dict, world_size: int) -> None:
+        """Called after each optimizer step (not after accumulation micro-steps)."""
+
+    def shared_state(self) -> dict[str, dict]:
+        return {}
+
+    def load_shared_state(self, shared: dict[str, dict]) -> None:
+        """Restore what `shared_state` saved (full tensors, any world size)."""
+
+    def step_flops(self, crops: Any, batch: int) -> int:
+        """FLOPs of one training step on `batch` images at the recipe's crops (trace on meta)."""
+        raise NotImplementedError
+
+
+class MAEObjective(Objective):
+    """Masked autoencoding: pixels of the hidden patches, from the visible ones."""
+
+    def __init__(self, recipe: Recipe) -> None:
+        super().__init__(recipe)
+        self.student = MAE(_backbone(recipe), recipe.method.mae)
+        color = recipe.data.color
+        self._mean, self._std = color.mean, color.std
+
+    def augment(self, views: Any, generator: torch.Generator) -> list[torch.Tensor]:
+        # Flips come with the crops; colour augmentation would only blur the pixel target.
+        return normalize(device_views(views), self._mean, self._std)
+
+    def loss(
+        self, engine: Any, views: list[torch.Tensor], values: dict, generator: torch.Generator
+    ) -> dict:
+        return engine(views[0], generator)
+
+    def step_flops(self, crops: Any, batch: int) -> int:
+        from pipeline.train.flops import traced_flops
+
+        images = torch.empty(batch, 3, crops.mae_size, crops.mae_size, device="meta")
+        return 3 * traced_flops(lambda: self.student(images, None))
+
+
+class DINOObjective(Objective):
+    """Self-distillation with an EMA teacher on multi-crop views (plus KoLeo)."""
+
+    logged_values = ("momentum", "teacher_temp")
+
+    def __init__(self, recipe: Recipe) -> None:
+        super().__init__(recipe)
+        self.schedule_config = recipe.method.dino
+        self.student = DINO(_backbone(recipe), recipe.method.dino)
+        self.followers = (make_teacher(self.student),)
+        self.teacher: Teacher | None = None
+        self._augment = DeviceAugment(recipe.data.color, num_global=2)
+        self._teacher_out: Sequence[torch.Tensor] = ()
+
+    def lr_scale(self, group_name: str, epoch: float) -> float:
+        # The prototypes stay fixed for the first epochs (DINO's freeze_last_layer).
+        frozen = epoch < self.recipe.method.dino.freeze_last_layer_epochs
+        return 0.0 if frozen and "last_layer" in group_name else 1.0
+
+    def augment(self, views: Any, generator: torch.Generator) -> list[torch.Tensor]:
+        return self._augment(device_views(views), generator)
+
+    def attach(self, engine: Any, ds_config: dict[str, Any], device: torch.device) -> None:
+        self.teacher = build_teacher(self.followers[0], engine, ds_config, device)
+
+    def loss(
+        self, engine: Any, views: list[torch.Tensor], values: dict, generator: torch.Generator
+    ) -> dict:
+        self._teacher_out = self.teacher.forward(views[:2])
+        return engine(views, self._teacher_out, values["teacher_temp"])
+
+    def after_optimizer_step(self, engine: Any, values: dict, world_size: int) -> None:
+        self.teacher.update(values["momentum"])
+        engine.module.update_center(self._teacher_out, all_reduce_sum, world_size)
+
+    def shared_state(self) -> dict[str, dict]:
+        return {"teacher": self.teacher.state_dict()}
+
+    def load_shared_state(self, shared: dict[str, dict]) -> None:
+        self.teacher.load_state_dict(shared["teacher"])
+
+    def step_flops(self, crops: Any, batch: int) -> int:
+        from pipeline.train.flops import traced_flops
+
+        def images(size: int) -> torch.Tensor:
+            return torch.empty(batch, 3, size, size, device="meta")
+
+        views = [images(crops.global_size)] * 2 + [images(crops.local_size)] * crops.local_number
+        student = traced_flops(lambda: self.student.embed(views))
+        teacher = traced_flops(lambda: self.followers[0](views[:2]))
+        return 3 * student + teacher
+
+
+OBJECTIVES: dict[str, type[Objective]] = {"mae": MAEObjective, "dino": DINOObjective}
+
+
+def build_objective(recipe: Recipe) -> Objective:
+    """The objective `method.name` names, with its modules built (seed torch first)."""
+    return OBJECTIVES[recipe.method.name](recipe)
