@@ -116,10 +116,14 @@ def _plot(run_dir: Path) -> None:
 
 def evaluated_backbone(recipe: Recipe, run_dir: Path) -> nn.Module:
     """What the evaluation stages measure: `eval.checkpoint` (an export or a checkpoint), else
-    this run's newest committed checkpoint; the teacher for DINO, the encoder for MAE."""
+    this run's newest committed checkpoint, else (a run that did not pretrain, e.g. a fine-tune
+    of someone's export) `model.init_from`; the teacher for DINO, the encoder for MAE."""
     from pipeline.eval.export import checkpoint_backbone, load_exported
 
     source = Path(recipe.eval.checkpoint) if recipe.eval.checkpoint else run_dir
+    pretrained_here = (run_dir / "checkpoints" / "committed").is_file()
+    if not recipe.eval.checkpoint and recipe.model.init_from and not pretrained_here:
+        source = Path(recipe.model.init_from)
     if source.suffix in (".safetensors", ".json"):
         return load_exported(source, recipe.eval.which)
     return checkpoint_backbone(source, recipe.eval.which)
