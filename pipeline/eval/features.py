@@ -47,7 +47,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import Recipe
-from pipeline.data.loader import build_eval_loader
+from pipeline.data.device_crops import device_views, to_device
+from pipeline.data.loader import build_eval_loader, crops_on_device
 from pipeline.data.transforms import normalize
 from pipeline.fileio import atomic_file, write_atomic
 from pipeline.train.distributed import env_from_environ, init_distributed
@@ -244,7 +245,8 @@ def extract_features(
     parts: dict[str, list[torch.Tensor]] = {}
     try:
         for batch in loader:
-            images = batch["views"][0].to(device, non_blocking=True)  # (B, 4, H, W) uint8 RGBX
+            # (B, 4, H, W) uint8 RGBX, cut on the device first when the loader ships whole images
+            images = device_views(to_device(batch["views"], device))[0]
             x = normalize([images], mean, std)[0]
             amp = (
                 torch.autocast(device.type, dtype=autocast_dtype)
@@ -347,6 +349,7 @@ def cached_features(
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
         seed=recipe.run.seed,
+        on_device=crops_on_device(recipe.data),
     )
     feats = extract_features(
         backbone,
