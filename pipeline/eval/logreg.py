@@ -155,14 +155,16 @@ def logreg_probe(
     y_all, y_test = labels.to(device), test.labels.to(device)
     fit_rows, held_rows = split_train_val(labels, VAL_FRACTION, seed)
     fit_rows, held_rows = fit_rows.to(device), held_rows.to(device)
+    x_fit, y_fit = x_all[fit_rows], y_all[fit_rows]  # copied once, not per C (ImageNet: GBs)
+    x_held, y_held = x_all[held_rows], y_all[held_rows]
     heldout = torch.zeros(len(cfg.cs), dtype=torch.float64, device=device)
     for i in range(rank, len(cfg.cs), world_size):
-        model = fit_logreg(x_all[fit_rows], y_all[fit_rows], cfg.cs[i], num_classes,
-                           max_iter=cfg.max_iter, tol=cfg.tol)  # fmt: skip
-        heldout[i] = accuracy(model, x_all[held_rows], y_all[held_rows])[0]
+        model = fit_logreg(x_fit, y_fit, cfg.cs[i], num_classes, max_iter=cfg.max_iter, tol=cfg.tol)
+        heldout[i] = accuracy(model, x_held, y_held)[0]
+    del x_fit, x_held
     if reduce is not None and world_size > 1:
         heldout = reduce(heldout)
-    # The first best C on ties: the strongest regularisation among the equals.
+    # Ties go to the first C listed (the strongest regularisation when cs ascends).
     best = int(torch.argmax(heldout).item())
     model = fit_logreg(x_all, y_all, cfg.cs[best], num_classes, max_iter=cfg.max_iter, tol=cfg.tol)
     top1, top5 = accuracy(model, x_test, y_test)
