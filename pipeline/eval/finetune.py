@@ -313,7 +313,9 @@ def load_checkpoint(
     Every key of `expect` must match the checkpoint's meta.json (the run it continues)."""
     meta = json.loads((tag / "meta.json").read_text())
     for key, value in (expect or {}).items():
-        if meta.get(key) != value:
+        if meta.get(key) != json.loads(
+            json.dumps(value)
+        ):  # as meta.json holds it: tuples are lists
             raise ValueError(
                 f"{tag} was written by another fine-tune ({key} differs: the backbone or "
                 f"eval.finetune changed); delete {tag.parent.parent} to start over"
