@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -145,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.train.weights import WeightsError
 
     args = build_parser().parse_intermixed_args(argv)
+    os.environ.update(quiet_environ())  # before DeepSpeed is imported (reading a checkpoint)
     try:
         config, origin = weights_origin(args.weights)
         base = args.recipe or origin
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     code = subprocess.call(
         [sys.executable, str(ROOT / "tools" / "launch.py"), str(recipe_path), *mode,
          *args.overrides],
-        cwd=ROOT, env=quiet_environ(),
+        cwd=ROOT,
     )  # fmt: skip
     if code != 0 or args.nodes is not None:
         if code == 0:
