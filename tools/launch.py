@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = Path(recipe.run.dir) / recipe.run.name
         stages = args.stage or list(recipe.stages)
         local, why = choose_mode(args, recipe)
+        check_run_dir(recipe, run_dir)  # another recipe is refused before anything else
         notes: list[str] = []
         if "pretrain" in stages:
             world = recipe.launch.nproc if local else recipe.launch.nodes * tasks_per_node(recipe)
