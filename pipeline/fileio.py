@@ -6,7 +6,9 @@ import hashlib
 import io
 import os
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 from typing import BinaryIO
 
@@ -43,11 +45,12 @@ class HashingWriter(io.RawIOBase):
 
     The digest of a file is computed from the bytes as they are written, so recording it costs
     no second read. Small writes (a serialiser's headers and records) are gathered into one
-    buffer of up to `buffer_bytes` and hashed and written in one call each: hashlib then runs
-    at its full speed without the GIL, and the file gets a few large writes instead of many
-    small ones (in `torch.save` that makes up for the hashing). Only sequential writes are
-    allowed (`torch.save` writes both of its formats sequentially): a seek would make the
-    digest wrong, so the stream is not seekable. `close()` (or `flush()`) writes what is left.
+    buffer of up to `buffer_bytes`, and each full block is hashed on a thread of its own while
+    it is written (hashlib and file writes both release the GIL): the file gets a few large
+    writes instead of many small ones, and the hashing overlaps the writing and, when the caller
+    fsyncs before asking for `hexdigest()`, the fsync too. Only sequential writes are allowed
+    (`torch.save` writes both of its formats sequentially): a seek would make the digest wrong,
+    so the stream is not seekable. `flush()` writes out what is buffered.
     """
 
     def __init__(self, raw: BinaryIO, buffer_bytes: int = 64 << 20) -> None:
@@ -57,6 +60,7 @@ class HashingWriter(io.RawIOBase):
         self.size = 0
         self.buffer_bytes = buffer_bytes
         self._buffer = bytearray()
+        self._hashing: Future | None = None
 
     def writable(self) -> bool:
         return True
@@ -67,22 +71,32 @@ class HashingWriter(io.RawIOBase):
         if len(self._buffer) + n > self.buffer_bytes:
             self._drain()
         if n >= self.buffer_bytes:  # a large block goes through directly
-            self._emit(view)
+            self._emit(view, owned=False)
         else:
             self._buffer += view
         self.size += n
         return n
 
-    def _emit(self, view: memoryview | bytearray) -> None:
-        self.digest.update(view)
-        written = self.raw.write(view)
-        if written is not None and written != len(view):
-            raise OSError(f"short write ({written} of {len(view)} bytes)")
+    def _emit(self, block: memoryview | bytearray, owned: bool) -> None:
+        """Hash `block` on the hashing thread while writing it. A block the caller may reuse
+        (`owned` False) is waited for before returning."""
+        self._wait()  # blocks are hashed in the order written
+        self._hashing = _hasher().submit(self.digest.update, block)
+        written = self.raw.write(block)
+        if written is not None and written != len(block):
+            raise OSError(f"short write ({written} of {len(block)} bytes)")
+        if not owned:
+            self._wait()
+
+    def _wait(self) -> None:
+        if self._hashing is not None:
+            self._hashing.result()
+            self._hashing = None
 
     def _drain(self) -> None:
         if self._buffer:
-            self._emit(self._buffer)
-            self._buffer = bytearray()
+            block, self._buffer = self._buffer, bytearray()  # the thread owns the old one
+            self._emit(block, owned=True)
 
     def tell(self) -> int:
         return self.size
@@ -101,9 +115,15 @@ class HashingWriter(io.RawIOBase):
         super().close()
 
     def hexdigest(self) -> str:
-        """The digest of everything written so far (written out first)."""
+        """The digest of everything written so far (written out first, hashing finished)."""
         self.flush()
+        self._wait()
         return self.digest.hexdigest()
+
+
+@cache
+def _hasher() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="hash")
 
 
 def file_digest(path: Path) -> tuple[int, str]:

@@ -143,8 +143,8 @@ def _torch_save_atomic(obj: Any, path: Path) -> tuple[int, str]:
     with atomic_file(path) as f:
         writer = HashingWriter(f)
         torch.save(obj, writer)
-        digest = writer.hexdigest()  # writes out the last buffered bytes before the fsync
-    return writer.size, digest
+        writer.flush()  # the last bytes out before the fsync, which the hashing overlaps
+    return writer.size, writer.hexdigest()
 
 
 def _torch_load(path: Path) -> Any:
@@ -172,10 +172,10 @@ class _RecordingCheckpointEngine:
                 writer,
                 _use_new_zipfile_serialization=self.inner.zipfile_serialization,
             )
-            digest = writer.hexdigest()  # writes out the last buffered bytes
+            writer.flush()  # the last bytes out; their hashing overlaps the fsync
             # Flushed to disk by the rank that wrote it: another node's fsync cannot do that.
             os.fsync(f.fileno())
-        self.records[os.path.abspath(path)] = (writer.size, digest)
+        self.records[os.path.abspath(path)] = (writer.size, writer.hexdigest())
 
     def load(self, path: str, map_location: Any = None) -> Any:
         state = safe_load.load(Path(path), deepspeed=True, map_location=map_location)
