@@ -17,12 +17,8 @@ from pathlib import Path
 import PIL
 import pytest
 import torch
-import torch.multiprocessing as mp
+from test_convergence import _run_all as run_all  # the same 2-rank pretraining story
 
-from pipeline.config import load_recipe
-from pipeline.train.distributed import finish_and_exit, free_port, rank_environ
-
-RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "debug"
 RECORD = Path(__file__).resolve().parent / "data" / "losses.json"
 STEPS = 6
 
@@ -30,18 +26,6 @@ STEPS = 6
 def fingerprint() -> str:
     cpu = torch.backends.cpu.get_cpu_capability()
     return f"torch {torch.__version__}, Pillow {PIL.__version__}, cpu {cpu}"
-
-
-def _story(rank: int, world_size: int, port: int, runs: list, root: str) -> None:
-    os.environ.update(rank_environ(rank, world_size, port), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    from pipeline.train.distributed import DistEnv
-    from pipeline.train.engine import pretrain
-
-    for name, recipe_file, overrides in runs:
-        recipe = load_recipe(RECIPES / recipe_file, overrides)
-        pretrain(recipe, DistEnv(rank, rank, world_size), Path(root) / name, progress=False)
-    finish_and_exit()
 
 
 @pytest.mark.slow
@@ -61,7 +45,7 @@ def test_losses_equal_the_record_bitwise(image_shards, tmp_path):
     if key not in records and not recording:
         pytest.skip(f"no loss record for this machine ({key}); recorded: {sorted(records)}")
 
-    mp.spawn(_story, args=(2, free_port(), runs, str(tmp_path)), nprocs=2, join=True)
+    run_all(runs, tmp_path)  # 2 gloo ranks, one process group for all four runs
     got = {}
     for name, *_ in runs:
         lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
