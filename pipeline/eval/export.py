@@ -40,6 +40,7 @@ from pipeline.train.weights import (
     WeightsError,
     checkpoint_method_state,
     read_export,
+    read_export_config,
     resolve_checkpoint,
     run_recipe,
     student_state,
@@ -221,7 +222,7 @@ def exported_config_path(weights: Path) -> Path:
 
 def read_exported_config(path: Path) -> dict[str, Any]:
     """The config of an export: its JSON file, else the copy in the safetensors metadata."""
-    return read_export(path)[1]
+    return read_export_config(path)
 
 
 def load_exported(path: Path, which: str | None = None, **overrides: Any) -> nn.Module:

@@ -201,22 +201,26 @@ def checkpoint_method_state(tag_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def read_export(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors, config) of an exported `.safetensors` file (its `.json` beside it may be
-    missing: the config travels in the file's metadata too)."""
+def read_export_config(path: Path) -> dict[str, Any]:
+    """The config of an exported `.safetensors` file: its `.json` beside it, else the copy in the
+    file's metadata (read without loading any tensor)."""
     weights = Path(path).with_suffix(".safetensors")
     if not weights.is_file():
         raise WeightsError(f"{weights} does not exist")
     json_path = weights.with_suffix(".json")
     if json_path.is_file():
-        config = json.loads(json_path.read_text())
-    else:
-        with safe_open(str(weights), framework="pt") as f:
-            metadata = f.metadata() or {}
-        if "config" not in metadata:
-            raise WeightsError(f"{json_path} is missing and {weights} carries no config metadata")
-        config = json.loads(metadata["config"])
-    return load_file(str(weights)), config
+        return json.loads(json_path.read_text())
+    with safe_open(str(weights), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if "config" not in metadata:
+        raise WeightsError(f"{json_path} is missing and {weights} carries no config metadata")
+    return json.loads(metadata["config"])
+
+
+def read_export(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, config) of an exported `.safetensors` file."""
+    config = read_export_config(path)
+    return load_file(str(Path(path).with_suffix(".safetensors"))), config
 
 
 def method_weights(source: Path) -> dict[str, torch.Tensor]:
