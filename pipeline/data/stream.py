@@ -44,12 +44,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import _shuffle
 from webdataset.shardlists import expand_urls
 
+from pipeline.data import layout
+from pipeline.data.layout import RankPlan, RawIndex, ShardRef, WorkerPlan, plan_epoch
+from pipeline.data.layout import seed_of as _seed
 from pipeline.data.shards import load_manifest
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-STATE_VERSION = 1
+STATE_VERSION = 2  # 1: bitmaps of the whole data set; 2: intervals and per-worker counts
 
 # transform(image bytes, rng, **shape) -> one sample's views (uint8 arrays), or what the device
 # cuts them from (device_crops.Decoded); collate(the samples of a batch) -> the batch's views.
@@ -65,19 +68,6 @@ class DataError(RuntimeError):
 
 # ---------------------------------------------------------------------------------------------
 # Shards
-
-
-@dataclass(frozen=True)
-class ShardRef:
-    """One shard: where it is, how many samples it holds, the global id of its first sample."""
-
-    url: str
-    samples: int
-    offset: int
-
-    @property
-    def name(self) -> str:
-        return Path(self.url).name
 
 
 def _count_samples(url: str) -> int:
@@ -117,96 +107,6 @@ def resolve_shards(spec: str) -> list[ShardRef]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The epoch layout (pure functions of seed, epoch, world size, workers, batch size, exclusions)
-
-
-@dataclass(frozen=True)
-class WorkerPlan:
-    """What one loader worker of one rank produces in one epoch.
-
-    segments: (shard index, first, end) local sample ranges, in reading order.
-    sizes: the size of each of its batches, in order.
-    slots: each batch's position in the rank's output order.
-    """
-
-    segments: tuple[tuple[int, int, int], ...]
-    sizes: tuple[int, ...]
-    slots: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class RankPlan:
-    """One rank's epoch: `batches` batches holding `real` samples and `padding` repeats."""
-
-    batches: int
-    real: int
-    padding: int
-    workers: tuple[WorkerPlan, ...]
-
-
-def _seed(*parts: int) -> int:
-    """One 63-bit seed from several integers (stable across processes and Python versions)."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(2, np.uint64)[0] >> np.uint64(1))
-
-
-def plan_epoch(
-    shards: Sequence[ShardRef],
-    *,
-    seed: int,
-    epoch: int,
-    rank: int,
-    world_size: int,
-    workers: int,
-    batch_size: int,
-    excluded: np.ndarray | None = None,
-) -> RankPlan:
-    """Lay out `rank`'s share of the epoch; `excluded` (bool per global id) marks samples done."""
-    order = np.random.default_rng(_seed(seed, epoch, 1)).permutation(len(shards))
-    # Remaining samples per shard, in the permuted order, and the local index of each.
-    remaining: list[np.ndarray] = []
-    for i in order:
-        s = shards[i]
-        local = np.arange(s.samples)
-        if excluded is not None:
-            local = local[~excluded[s.offset : s.offset + s.samples]]
-        remaining.append(local)
-    total = sum(len(r) for r in remaining)
-    quota = -(-total // world_size)  # every rank yields this many samples (ceil)
-    start = rank * (total // world_size) + min(rank, total % world_size)
-    real = total // world_size + (1 if rank < total % world_size else 0)
-    batches = -(-quota // batch_size)
-    sizes = [batch_size] * (batches - 1) + ([quota - (batches - 1) * batch_size] if batches else [])
-
-    workers = max(1, workers)
-    per_worker = [batches // workers + (1 if w < batches % workers else 0) for w in range(workers)]
-    # Output order: round-robin over the workers' blocks, as a DataLoader would fetch them.
-    slots: list[list[int]] = [[] for _ in range(workers)]
-    slot = 0
-    for j in range(max(per_worker, default=0)):
-        for w in range(workers):
-            if j < per_worker[w]:
-                slots[w].append(slot)
-                slot += 1
-
-    cum = np.cumsum([0] + [len(r) for r in remaining])
-    plans = []
-    first_batch = 0
-    for w in range(workers):
-        w_sizes = sizes[first_batch : first_batch + per_worker[w]]
-        lo = start + min(sum(sizes[:first_batch]), real)  # positions past `real` are padding
-        hi = start + min(sum(sizes[: first_batch + per_worker[w]]), real)
-        segments = []
-        for k, local in enumerate(remaining):
-            a, b = max(lo, cum[k]), min(hi, cum[k + 1])
-            if a < b:
-                sel = local[a - cum[k] : b - cum[k]]
-                segments.append((int(order[k]), int(sel[0]), int(sel[-1]) + 1))
-        plans.append(WorkerPlan(tuple(segments), tuple(w_sizes), tuple(slots[w])))
-        first_batch += per_worker[w]
-    return RankPlan(batches, real, quota - real, tuple(plans))
-
-
-# ---------------------------------------------------------------------------------------------
 # Worker side
 
 
@@ -218,12 +118,12 @@ class _Bad:
     shard: str
     key: str
     reason: str
+    pos: int = -1  # in the worker's reading order
 
 
-def _read_segment(
-    shard: ShardRef, first: int, end: int, excluded: np.ndarray | None
-) -> Iterator[dict | _Bad]:
-    """Raw samples of one shard with local index in [first, end), skipping excluded ones."""
+def _read_ranges(shard: ShardRef, ranges: Sequence[tuple[int, int]]) -> Iterator[dict | _Bad]:
+    """Raw samples of one shard whose local index lies in `ranges` (sorted, disjoint), in one
+    pass over the file."""
     errors: list[Exception] = []
 
     def keep_going(exn: Exception) -> bool:
@@ -232,21 +132,36 @@ def _read_segment(
 
     stream = wds.tariterators.url_opener([{"url": shard.url}], handler=keep_going)
     files = wds.tariterators.tar_file_expander(stream, handler=keep_going)
-    index = -1
+    index, r = -1, 0
     for index, sample in enumerate(wds.tariterators.group_by_keys(files, handler=keep_going)):
-        if index >= end:
+        while r < len(ranges) and index >= ranges[r][1]:
+            r += 1
+        if r == len(ranges):
             return
-        gid = shard.offset + index
-        if index < first or (excluded is not None and excluded[gid]):
+        if index < ranges[r][0]:
             continue
-        sample["__gid__"] = gid
+        sample["__gid__"] = shard.offset + index
         yield sample
     # Whatever the stream did not deliver is lost to truncation or a read error.
     reason = f"shard unreadable after sample {index}: {errors[0] if errors else 'truncated'}"
-    for missing in range(max(first, index + 1), min(end, shard.samples)):
-        gid = shard.offset + missing
-        if excluded is None or not excluded[gid]:
-            yield _Bad(gid, shard.name, f"#{missing}", reason)
+    for first, end in ranges[r:]:
+        for missing in range(max(first, index + 1), min(end, shard.samples)):
+            yield _Bad(shard.offset + missing, shard.name, f"#{missing}", reason)
+
+
+def _by_shard(
+    segments: Iterable[tuple[int, int, int]],
+) -> Iterator[tuple[int, list[tuple[int, int]]]]:
+    """Consecutive segments of one shard, grouped so the shard is read once."""
+    current, ranges = -1, []
+    for shard_index, first, end in segments:
+        if shard_index != current and ranges:
+            yield current, ranges
+            ranges = []
+        current = shard_index
+        ranges.append((first, end))
+    if ranges:
+        yield current, ranges
 
 
 def _image_bytes(sample: dict) -> bytes:
@@ -313,35 +228,67 @@ class _Job:
     shuffle_buffer: int
     transform: Transform
     collate: Collate
-    excluded: np.ndarray | None
-    skip: np.ndarray | None  # consumed so far under this layout: dropped after the shuffle
+    # Per worker, what was consumed under this layout: (samples read, positions read but not
+    # consumed). Everything else read is dropped after the shuffle. None at a layout's start.
+    skip: tuple[tuple[int, frozenset[int]], ...] | None
     skip_slots: int  # batches the rank already yielded
     grouper: Grouper | None = None
+
+
+_DONE = object()  # a consumed sample replayed through the shuffle without reading its bytes
 
 
 def _gid(item: dict | _Bad) -> int:
     return item.gid if isinstance(item, _Bad) else item["__gid__"]
 
 
-def _worker_stream(job: _Job, worker: int) -> Iterator[dict | _Bad]:
-    """The worker's raw samples: its stretch of shards, shuffled, minus what was consumed."""
+def _pos(item: dict | _Bad) -> int:
+    return item.pos if isinstance(item, _Bad) else item["__pos__"]
+
+
+def _worker_stream(job: _Job, worker: int) -> tuple[Iterator[dict | _Bad], list[int]]:
+    """The worker's raw samples: its stretch of shards, shuffled, minus what was consumed; and
+    a one-element list counting the samples read so far (in reading order, before the shuffle),
+    which is what the position records."""
     plan = job.plans[worker]
+    read = [0]
+    done, pending = job.skip[worker] if job.skip is not None else (0, frozenset())
+    # Every sample before the first pending one was consumed: the shuffle gets placeholders
+    # for them (it draws the same random numbers either way), and their shards are not read.
+    floor = min(pending, default=done)
 
     def raw() -> Iterator[dict | _Bad]:
-        for shard_index, first, end in plan.segments:
-            yield from _read_segment(job.shards[shard_index], first, end, job.excluded)
+        for shard_index, ranges in _by_shard(plan.segments):
+            n = sum(end - first for first, end in ranges)
+            if read[0] + n <= floor:
+                for _ in range(n):
+                    read[0] += 1
+                    yield _DONE
+                continue
+            for item in _read_ranges(job.shards[shard_index], ranges):
+                if isinstance(item, _Bad):
+                    item.pos = read[0]
+                else:
+                    item["__pos__"] = read[0]
+                read[0] += 1
+                yield item
 
-    stream: Iterator[dict | _Bad] = raw()
+    stream: Iterator[Any] = raw()
     if job.shuffle_buffer > 1:
         rng = random.Random(_seed(job.seed, job.epoch, worker, 2))
         stream = _shuffle(stream, job.shuffle_buffer, job.shuffle_buffer, rng=rng)
     if job.skip is not None:
-        stream = (item for item in stream if not job.skip[_gid(item)])
-    return stream
+        stream = (
+            item
+            for item in stream
+            if item is not _DONE and (_pos(item) >= done or _pos(item) in pending)
+        )
+    return stream, read
 
 
 def _worker_batches(job: _Job, worker: int) -> Iterator[dict]:
-    """The batches of one worker, in its order, each tagged with its output slot."""
+    """The batches of one worker, in its order, each tagged with its output slot, its worker
+    and how many samples the worker had read when it was complete."""
     if job.grouper is not None:
         yield from _worker_groups(job, worker)
         return
@@ -349,7 +296,7 @@ def _worker_batches(job: _Job, worker: int) -> Iterator[dict]:
     todo = [(j, s) for j, s in enumerate(plan.slots) if s >= job.skip_slots]
     if not todo:
         return
-    stream = _worker_stream(job, worker)
+    stream, read = _worker_stream(job, worker)
 
     spare: tuple[bytes, int, int] | None = None  # what padding repeats, found when first needed
     for j, slot in todo:
@@ -367,15 +314,16 @@ def _worker_batches(job: _Job, worker: int) -> Iterator[dict]:
             batch.views.append(job.transform(image, rng))
             batch.labels.append(label)
             batch.ids.append(-1)
-        yield batch.finish(job.collate, slot=slot)
+        yield batch.finish(job.collate, slot=slot, worker=worker, read=read[0])
 
 
 def _worker_groups(job: _Job, worker: int) -> Iterator[dict]:
     """Grouped batches (buckets, NaViT): as many as the worker's samples make, in its order."""
     bad: list[_Bad] = []
+    stream, read = _worker_stream(job, worker)
 
     def good() -> Iterator[dict]:
-        for item in _worker_stream(job, worker):
+        for item in stream:
             if isinstance(item, _Bad):
                 bad.append(item)
             else:
@@ -391,10 +339,12 @@ def _worker_groups(job: _Job, worker: int) -> Iterator[dict]:
         bad.clear()
         if len(batch):
             batch.bad, carried = carried, []
-            yield batch.finish(job.collate, slot=-1)
+            yield batch.finish(job.collate, slot=-1, worker=worker, read=read[0])
     carried += [(b.gid, b.shard, b.key, b.reason) for b in bad]
     if carried:  # reports only: the main process counts them and yields nothing
-        yield {"views": None, "id": torch.empty(0, dtype=torch.long), "bad": carried, "slot": -1}
+        empty = torch.empty(0, dtype=torch.long)
+        yield {"views": None, "id": empty, "bad": carried, "slot": -1, "worker": worker,
+               "read": read[0]}  # fmt: skip
 
 
 def _spare(job: _Job, plan: WorkerPlan) -> tuple[bytes, int, int]:
@@ -402,7 +352,7 @@ def _spare(job: _Job, plan: WorkerPlan) -> tuple[bytes, int, int]:
     shards), chosen the same way whatever was consumed, so a resumed run pads identically."""
     ranges = [*plan.segments, *((i, 0, s.samples) for i, s in enumerate(job.shards))]
     for shard_index, first, end in ranges:
-        for item in _read_segment(job.shards[shard_index], first, end, None):
+        for item in _read_ranges(job.shards[shard_index], [(first, end)]):
             if isinstance(item, _Bad):
                 continue
             try:
@@ -453,7 +403,7 @@ def _resampled_batches(
     def raw() -> Iterator[dict | _Bad]:
         while True:
             shard = shards[picker.randrange(len(shards))]
-            yield from _read_segment(shard, 0, shard.samples, None)
+            yield from _read_ranges(shard, [(0, shard.samples)])
 
     stream = _shuffle(raw(), max(shuffle_buffer, 1), max(shuffle_buffer, 1), rng=picker)
     draw = 0
@@ -478,25 +428,32 @@ class _ResampledDataset(IterableDataset):
 # Main process
 
 
-def _union(total: int, masks: Sequence[np.ndarray | None]) -> np.ndarray | None:
-    """Samples marked in any of `masks` (None entries skipped); None when none is marked."""
-    done = np.zeros(total, dtype=bool)
-    for mask in masks:
-        if mask is not None:
-            done |= mask
-    return done if done.any() else None
-
-
 @dataclass
 class _Position:
-    """Where the rank stands in the current epoch."""
+    """Where the rank stands in the current epoch.
+
+    A layout is recomputed from (seed, epoch, world size, workers, batch size, `done`), so the
+    samples this rank consumed under it are, per worker, the first `read` of the worker's
+    reading order except the `pending` positions (read into a shuffle buffer or a bucket, not
+    yet in a batch): a few numbers per worker, whatever the size of the data set.
+    """
 
     epoch: int = 0
-    excluded: np.ndarray | None = None  # consumed before the current layout was made
-    consumed: np.ndarray | None = None  # consumed under the current layout, by this rank
+    done: np.ndarray | None = None  # intervals consumed before the current layout was made
+    read: list[int] = field(default_factory=list)  # per worker of the current layout
+    pending: list[set[int]] = field(default_factory=list)  # per worker: reading positions
     batches: int = 0  # batches yielded under the current layout
     stats: Counter = field(default_factory=Counter)  # whole run: samples, padding, bad
     bad: Counter = field(default_factory=Counter)  # this epoch: bad samples per shard
+
+
+def _ints(data: bytes | None) -> np.ndarray:
+    return np.frombuffer(data or b"", dtype=np.int64).copy()
+
+
+def _intervals(data: bytes | None) -> np.ndarray | None:
+    iv = _ints(data).reshape(-1, 2)
+    return iv if len(iv) else None
 
 
 class ShardLoader:
@@ -552,16 +509,26 @@ class ShardLoader:
 
     def plan(self) -> RankPlan:
         """This rank's layout of the current epoch (exact mode)."""
-        return plan_epoch(
-            self.shards,
-            seed=self.seed,
-            epoch=self.pos.epoch,
-            rank=self.rank,
-            world_size=self.world_size,
-            workers=self.workers,
-            batch_size=self.batch_size,
-            excluded=self.pos.excluded,
-        )
+        return self._layout()[0]
+
+    def _layout(self) -> tuple[RankPlan, list[RawIndex]]:
+        """The plan and each worker's reading order, computed once per layout."""
+        key = (self.pos.epoch, self.pos.done)
+        cached = getattr(self, "_cached", None)
+        if cached is None or cached[0][0] != key[0] or cached[0][1] is not key[1]:
+            plan = plan_epoch(
+                self.shards,
+                seed=self.seed,
+                epoch=self.pos.epoch,
+                rank=self.rank,
+                world_size=self.world_size,
+                workers=self.workers,
+                batch_size=self.batch_size,
+                done=self.pos.done,
+            )
+            indexes = [RawIndex(self.shards, w.segments) for w in plan.workers]
+            self._cached = cached = (key, plan, indexes)
+        return cached[1], cached[2]
 
     def __len__(self) -> int:
         """Batches left in the current epoch (grouped batches: the fixed-size estimate)."""
@@ -613,10 +580,14 @@ class ShardLoader:
             yield from self._iter_exact()
         self.pos = _Position(epoch=self.pos.epoch + 1, stats=self.pos.stats)
 
+    def _start_layout(self, workers: int) -> None:
+        if len(self.pos.read) != workers:
+            self.pos.read = [0] * workers
+            self.pos.pending = [set() for _ in range(workers)]
+
     def _iter_exact(self) -> Iterator[dict]:
         plan = self.plan()
-        if self.pos.consumed is None:
-            self.pos.consumed = np.zeros(self.total, dtype=bool)
+        self._start_layout(len(plan.workers))
         if plan.padding:
             log.info(
                 "epoch %d: rank %d repeats %d sample(s) so every rank takes %d batches",
@@ -624,10 +595,12 @@ class ShardLoader:
             )  # fmt: skip
         # Mid-epoch (a resume, or iterating again after a break) the workers replay the layout
         # and drop what this rank consumed: what follows is what an uninterrupted run yields.
-        skip = self.pos.consumed.copy() if self.pos.batches else None
+        skip = None
+        if self.pos.batches:
+            skip = tuple(zip(self.pos.read, map(frozenset, self.pos.pending), strict=True))
         job = _Job(
             self.shards, plan.workers, self.seed, self.pos.epoch, self.shuffle_buffer,
-            self.transform, self.collate, self.pos.excluded, skip, self.pos.batches,
+            self.transform, self.collate, skip, self.pos.batches,
         )  # fmt: skip
         pending: dict[int, dict] = {}
         for batch in self._loader(_EpochDataset(job)):
@@ -641,15 +614,15 @@ class ShardLoader:
             )
 
     def _iter_grouped(self) -> Iterator[dict]:
-        if self.pos.batches:
+        if any(self.pos.read):
             # Mid-epoch: lay the unseen samples out afresh (grouping is not replayable by count).
-            self.pos.excluded = self._done()
-            self.pos.consumed, self.pos.batches = None, 0
+            self.pos.done = self._done()
+            self.pos.read, self.pos.pending, self.pos.batches = [], [], 0
         plan = self.plan()
-        self.pos.consumed = np.zeros(self.total, dtype=bool)
+        self._start_layout(len(plan.workers))
         job = _Job(
             self.shards, plan.workers, self.seed, self.pos.epoch, self.shuffle_buffer,
-            self.transform, self.collate, self.pos.excluded, None, 0, self.grouper,
+            self.transform, self.collate, None, 0, self.grouper,
         )  # fmt: skip
         expected = plan.real + plan.padding
         for batch in self._loader(_EpochDataset(job)):
@@ -664,8 +637,14 @@ class ShardLoader:
             self.agree(False)  # the others' pending agree(True) now returns False
 
     def _done(self) -> np.ndarray | None:
-        """Samples consumed this epoch so far, whatever the layout."""
-        return _union(self.total, [self.pos.excluded, self.pos.consumed])
+        """Intervals of the samples consumed this epoch so far, whatever the layout."""
+        _, indexes = self._layout()
+        parts = [
+            index.consumed(read, np.fromiter(pending, dtype=np.int64, count=len(pending)))
+            for index, read, pending in zip(indexes, self.pos.read, self.pos.pending, strict=False)
+        ]
+        done = layout.union(self.pos.done, *parts)
+        return done if len(done) else None
 
     def _iter_resampled(self) -> Iterator[dict]:
         dataset = _ResampledDataset(
@@ -687,24 +666,30 @@ class ShardLoader:
         """Record a batch as consumed, count bad samples, stop when too many are bad."""
         stats = self.pos.stats
         ids = batch["id"]
-        if self.pos.consumed is not None:
-            self.pos.consumed[ids[ids >= 0].numpy()] = True
+        bad = batch.pop("bad")
+        worker = batch.pop("worker", None)
+        if worker is not None:  # exact and grouped modes: move the worker's position on
+            read, pending = batch.pop("read"), self.pos.pending[worker]
+            pending.update(range(self.pos.read[worker], read))
+            self.pos.read[worker] = read
+            gids = [*ids[ids >= 0].tolist(), *(b[0] for b in bad)]
+            if gids:
+                index = self._layout()[1][worker]
+                pending.difference_update(index.positions(np.array(gids)).tolist())
         stats["samples"] += int((ids >= 0).sum())
         stats["padding"] += int((ids < 0).sum())
-        for gid, shard, key, reason in batch.pop("bad"):
-            if self.pos.consumed is not None:
-                self.pos.consumed[gid] = True
+        for _, shard, key, reason in bad:
             stats["bad"] += 1
             stats[f"bad:{shard}"] += 1
             log.warning("skipping bad sample %s in %s: %s", key, shard, reason)
             # The budget is a share of one epoch's samples, so it counts this epoch's bad ones
             # only (the same few corrupt images come back every epoch).
             self.pos.bad[shard] += 1
-            bad = sum(self.pos.bad.values())
-            if bad > self.max_bad_fraction * expected:
+            n_bad = sum(self.pos.bad.values())
+            if n_bad > self.max_bad_fraction * expected:
                 worst, most = self.pos.bad.most_common(1)[0]
                 raise DataError(
-                    f"{bad} bad samples in epoch {self.pos.epoch} on rank {self.rank} "
+                    f"{n_bad} bad samples in epoch {self.pos.epoch} on rank {self.rank} "
                     f"exceed data.max_bad_fraction={self.max_bad_fraction} of {expected}; most "
                     f"in {worst} ({most}), last: {key} in {shard} ({reason})"
                 )
@@ -721,11 +706,12 @@ class ShardLoader:
     # Position ------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """This rank's position; save one per rank and pass them all to `load_state_dict`."""
+        """This rank's position; save one per rank and pass them all to `load_state_dict`.
 
-        def pack(a: np.ndarray | None) -> bytes | None:
-            return None if a is None else np.packbits(a).tobytes()
-
+        Its size does not grow with the data set: the layout's parameters, the samples done
+        before it (as intervals), and per worker a count and the positions still pending (at
+        most a shuffle buffer and a bucket's worth)."""
+        done = self.pos.done if self.pos.done is not None else layout.EMPTY
         return {
             "version": STATE_VERSION,
             "mode": self.mode,
@@ -737,31 +723,28 @@ class ShardLoader:
             "seed": self.seed,
             "total": self.total,
             "batches": self.pos.batches,
-            "excluded": pack(self.pos.excluded),
-            "consumed": pack(self.pos.consumed),
+            "done": done.astype(np.int64).tobytes(),
+            "read": list(self.pos.read),
+            "pending": [np.array(sorted(p), dtype=np.int64).tobytes() for p in self.pos.pending],
             "bad": dict(self.pos.bad),  # this epoch's bad samples per shard, so far
         }
 
     def load_state_dict(self, states: dict[str, Any] | Sequence[dict[str, Any]]) -> None:
-        """Resume from the states of every rank of the run that saved them (any world size)."""
-        states = [states] if isinstance(states, dict) else list(states)
+        """Resume from the states of every rank of the run that saved them (any world size).
+
+        `states` may load each rank's state when indexed: at the same layout only this rank's
+        and rank 0's are read; at another one every rank's is needed (what each consumed)."""
+        states = [states] if isinstance(states, dict) else states
         first = states[0]
         if first["total"] != self.total:
             raise DataError(
                 f"the saved data position covers {first['total']} samples but the shards now "
                 f"hold {self.total}: resume with the shards the run started with"
             )
-        if len({(s["epoch"], s["batches"]) for s in states}) != 1:
-            raise DataError("the saved per-rank data positions disagree on epoch or batch count")
-
-        def unpack(b: bytes | None) -> np.ndarray | None:
-            if b is None:
-                return None
-            return np.unpackbits(np.frombuffer(b, dtype=np.uint8), count=self.total).astype(bool)
-
         pos = _Position(epoch=first["epoch"], stats=self.pos.stats)
         same = (
-            first["mode"] == self.mode
+            first.get("version", 1) == STATE_VERSION
+            and first["mode"] == self.mode
             and len(states) == self.world_size
             and (first["world_size"], first["workers"], first["batch_size"], first["seed"])
             == (self.world_size, self.workers, self.batch_size, self.seed)
@@ -770,18 +753,55 @@ class ShardLoader:
             pos.batches = first["batches"]
         elif same and self.grouper is None:
             mine = states[self.rank]
-            pos.excluded = unpack(mine["excluded"])
-            pos.consumed = unpack(mine["consumed"])
+            if (mine["epoch"], mine["batches"]) != (first["epoch"], first["batches"]):
+                raise DataError(
+                    "the saved per-rank data positions disagree on epoch or batch count"
+                )
+            pos.done = _intervals(mine["done"])
+            pos.read = list(mine["read"])
+            pos.pending = [set(_ints(p).tolist()) for p in mine["pending"]]
             pos.batches = mine["batches"]
             # Same layout: the same samples are left, so the epoch's budget goes on. (A fresh
-            # layout gets a fresh budget over what is left; older checkpoints lack the count.)
+            # layout gets a fresh budget over what is left.)
             pos.bad = Counter(mine.get("bad") or {})
         else:
-            parts = [unpack(st[k]) for st in states for k in ("excluded", "consumed")]
-            pos.excluded = _union(self.total, parts)
-            done = pos.excluded if pos.excluded is not None else np.zeros(self.total, dtype=bool)
+            pos.done = self._consumed_by([states[r] for r in range(len(states))])
             log.info(
                 "data position: re-laying out %d unseen samples of epoch %d over %d ranks",
-                self.total - int(done.sum()), pos.epoch, self.world_size,
+                self.total - layout.count(pos.done), pos.epoch, self.world_size,
             )  # fmt: skip
         self.pos = pos
+        self._cached = None
+
+    def _consumed_by(self, states: Sequence[dict[str, Any]]) -> np.ndarray | None:
+        """Intervals of what the ranks that saved `states` consumed in their epoch."""
+        if len({(s["epoch"], s["batches"]) for s in states}) != 1:
+            raise DataError("the saved per-rank data positions disagree on epoch or batch count")
+        first = states[0]
+        if first.get("version", 1) == 1:  # bitmaps of the whole data set
+            masks = [
+                np.unpackbits(np.frombuffer(st[k], dtype=np.uint8), count=self.total)
+                for st in states
+                for k in ("excluded", "consumed")
+                if st[k] is not None
+            ]
+            done = layout.union(*(layout.from_bitmap(m) for m in masks))
+            return done if len(done) else None
+        pieces: dict[bytes, layout.Pieces] = {}  # per layout the ranks worked under
+        parts = []
+        for st in states:
+            before = _intervals(st["done"])
+            parts.append(before)
+            if st["done"] not in pieces:
+                pieces[st["done"]] = layout.epoch_pieces(
+                    self.shards, seed=st["seed"], epoch=st["epoch"], done=before
+                )
+            plan = plan_epoch(
+                self.shards, seed=st["seed"], epoch=st["epoch"], rank=st["rank"],
+                world_size=st["world_size"], workers=st["workers"],
+                batch_size=st["batch_size"], pieces=pieces[st["done"]],
+            )  # fmt: skip
+            for w, read, pending in zip(plan.workers, st["read"], st["pending"], strict=False):
+                parts.append(RawIndex(self.shards, w.segments).consumed(read, _ints(pending)))
+        done = layout.union(*parts)
+        return done if len(done) else None
