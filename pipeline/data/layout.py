@@ -195,31 +195,26 @@ class RankPlan:
     workers: tuple[WorkerPlan, ...]
 
 
-def plan_epoch(
-    shards: Sequence[ShardRef],
-    *,
-    seed: int,
-    epoch: int,
-    rank: int,
-    world_size: int,
-    workers: int,
-    batch_size: int,
-    done: np.ndarray | None = None,
-    pieces: Pieces | None = None,
-) -> RankPlan:
-    """Lay out `rank`'s share of the epoch's samples not in `done` (intervals of global ids).
+@dataclass(frozen=True)
+class Split:
+    """How `remaining` samples are shared: this rank's batches and its workers' stretches."""
 
-    The remaining samples are cut into `world_size` contiguous runs of equal length
-    (`ceil(R / W)`; a rank short of one sample repeats one), so every rank takes the same number
-    of batches; a rank's batches are split into contiguous blocks, one per worker, and come out
-    round-robin over the workers. `pieces` (from `epoch_pieces`) saves recomputing the order.
-    """
-    if pieces is None:
-        pieces = epoch_pieces(shards, seed=seed, epoch=epoch, done=done)
-    total = pieces.total
-    quota = -(-total // world_size)  # every rank yields this many samples (ceil)
-    start = rank * (total // world_size) + min(rank, total % world_size)
-    real = total // world_size + (1 if rank < total % world_size else 0)
+    batches: int
+    real: int
+    padding: int
+    ranges: tuple[tuple[int, int], ...]  # per worker: positions [lo, hi) of the epoch's order
+    sizes: tuple[tuple[int, ...], ...]  # per worker: its batches' sizes
+    slots: tuple[tuple[int, ...], ...]  # per worker: its batches' places in the rank's output
+
+
+def split(remaining: int, *, rank: int, world_size: int, workers: int, batch_size: int) -> Split:
+    """Cut `remaining` samples into `world_size` contiguous runs of equal length (`ceil(R / W)`;
+    a rank short of one sample repeats one), so every rank takes the same number of batches;
+    a rank's batches are split into contiguous blocks, one per worker, and come out
+    round-robin over the workers."""
+    quota = -(-remaining // world_size)  # every rank yields this many samples (ceil)
+    start = rank * (remaining // world_size) + min(rank, remaining % world_size)
+    real = remaining // world_size + (1 if rank < remaining % world_size else 0)
     batches = -(-quota // batch_size)
     sizes = [batch_size] * (batches - 1) + ([quota - (batches - 1) * batch_size] if batches else [])
 
@@ -235,27 +230,123 @@ def plan_epoch(
                 slot += 1
 
     ends = np.cumsum([0, *sizes])
-    plans = []
+    ranges, w_sizes = [], []
     first_batch = 0
     for w in range(workers):
         last_batch = first_batch + per_worker[w]
         lo = start + min(int(ends[first_batch]), real)  # positions past `real` are padding
         hi = start + min(int(ends[last_batch]), real)
-        w_sizes = tuple(sizes[first_batch:last_batch])
-        plans.append(WorkerPlan(pieces.slice(lo, hi), w_sizes, tuple(slots[w])))
+        ranges.append((lo, hi))
+        w_sizes.append(tuple(sizes[first_batch:last_batch]))
         first_batch = last_batch
-    return RankPlan(batches, real, quota - real, tuple(plans))
+    return Split(batches, real, quota - real, tuple(ranges), tuple(w_sizes),
+                 tuple(tuple(s) for s in slots))  # fmt: skip
+
+
+def plan_epoch(
+    shards: Sequence[ShardRef],
+    *,
+    seed: int,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    workers: int,
+    batch_size: int,
+    done: np.ndarray | None = None,
+    pieces: Pieces | None = None,
+) -> RankPlan:
+    """Lay out `rank`'s share (`split`) of the epoch's samples not in `done` (intervals of
+    global ids). `pieces` (from `epoch_pieces`) saves recomputing the order."""
+    if pieces is None:
+        pieces = epoch_pieces(shards, seed=seed, epoch=epoch, done=done)
+    sp = split(pieces.total, rank=rank, world_size=world_size, workers=workers,
+               batch_size=batch_size)  # fmt: skip
+    plans = tuple(
+        WorkerPlan(pieces.slice(lo, hi), sizes, slots)
+        for (lo, hi), sizes, slots in zip(sp.ranges, sp.sizes, sp.slots, strict=True)
+    )
+    return RankPlan(sp.batches, sp.real, sp.padding, plans)
+
+
+def plan_runs(
+    shards: Sequence[ShardRef],
+    runs: Sequence[np.ndarray],
+    *,
+    remaining: int,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+) -> RankPlan:
+    """The plan of a layout made from what an earlier layout left (`runs`: per worker, its
+    reading order as (first global id, length) runs; `remaining`: the samples shared)."""
+    sp = split(remaining, rank=rank, world_size=world_size, workers=len(runs),
+               batch_size=batch_size)  # fmt: skip
+    plans = tuple(
+        WorkerPlan(segments_of(shards, r), sizes, slots)
+        for r, sizes, slots in zip(runs, sp.sizes, sp.slots, strict=True)
+    )
+    return RankPlan(sp.batches, sp.real, sp.padding, plans)
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs: a reading order as (first global id, length) pairs
+
+
+def runs_of(shards: Sequence[ShardRef], segments: Sequence[tuple[int, int, int]]) -> np.ndarray:
+    """(first global id, length) runs of (shard, first, end) segments, in the same order."""
+    out = [(shards[s].offset + f, e - f) for s, f, e in segments]
+    return np.array(out, dtype=np.int64).reshape(-1, 2)
+
+
+def segments_of(shards: Sequence[ShardRef], runs: np.ndarray) -> tuple[tuple[int, int, int], ...]:
+    """(shard, first, end) segments of runs; a run never crosses a shard boundary."""
+    if not len(runs):
+        return ()
+    offsets = np.array([s.offset for s in shards], dtype=np.int64)
+    shard = np.searchsorted(offsets, runs[:, 0], side="right") - 1
+    first = runs[:, 0] - offsets[shard]
+    return tuple(
+        (int(s), int(f), int(f + n)) for s, f, n in zip(shard, first, runs[:, 1], strict=True)
+    )
+
+
+def slice_runs(runs: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Positions [lo, hi) of a reading order, as runs."""
+    runs = np.asarray(runs, dtype=np.int64).reshape(-1, 2)
+    cum = np.concatenate([[0], np.cumsum(runs[:, 1])])
+    lo, hi = max(lo, 0), min(hi, int(cum[-1]))
+    if hi <= lo:
+        return np.zeros((0, 2), dtype=np.int64)
+    k0 = int(np.searchsorted(cum, lo, side="right")) - 1
+    k1 = int(np.searchsorted(cum, hi, side="left"))
+    part = runs[k0:k1].copy()
+    head = lo - int(cum[k0])
+    part[0, 0] += head
+    part[0, 1] -= head
+    part[-1, 1] -= int(cum[k1]) - hi
+    return part
+
+
+def compact(runs: np.ndarray) -> np.ndarray:
+    """The same reading order in fewer runs: runs that continue each other are joined."""
+    runs = np.asarray(runs, dtype=np.int64).reshape(-1, 2)
+    if len(runs) < 2:
+        return runs.copy()
+    joins = runs[1:, 0] == runs[:-1, 0] + runs[:-1, 1]
+    starts = np.flatnonzero(np.concatenate([[True], ~joins]))
+    lengths = np.add.reduceat(runs[:, 1], starts)
+    return np.stack([runs[starts, 0], lengths], axis=1)
 
 
 class RawIndex:
-    """One worker's reading order: a sample's position in it, and the ids at positions."""
+    """One worker's reading order (runs): a sample's position in it, and the ids at positions."""
 
-    def __init__(self, shards: Sequence[ShardRef], segments: Sequence[tuple[int, int, int]]):
-        n = len(segments)
-        self.gid = np.array([shards[s].offset + f for s, f, _ in segments], dtype=np.int64)
-        lengths = np.array([e - f for _, f, e in segments], dtype=np.int64)
-        self.cum = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        self.by_gid = np.argsort(self.gid, kind="stable") if n else np.zeros(0, dtype=np.int64)
+    def __init__(self, runs: np.ndarray):
+        runs = np.asarray(runs, dtype=np.int64).reshape(-1, 2)
+        self.runs = runs
+        self.gid = runs[:, 0]
+        self.cum = np.concatenate([[0], np.cumsum(runs[:, 1])]).astype(np.int64)
+        self.by_gid = np.argsort(self.gid, kind="stable")
         self.length = int(self.cum[-1])
 
     def positions(self, gids: np.ndarray) -> np.ndarray:
@@ -270,23 +361,11 @@ class RawIndex:
         k = np.searchsorted(self.cum, positions, side="right") - 1
         return self.gid[k] + (positions - self.cum[k])
 
-    def intervals(self, positions: np.ndarray) -> np.ndarray:
-        """The global ids at the reading positions of `positions` (intervals), as intervals."""
-        iv = np.asarray(positions, dtype=np.int64).reshape(-1, 2)
-        iv = iv[iv[:, 1] > iv[:, 0]]
-        if not len(iv):
-            return EMPTY.copy()
-        a, b = iv[:, 0], iv[:, 1]
-        lo = np.searchsorted(self.cum, a, side="right") - 1
-        hi = np.searchsorted(self.cum, b - 1, side="right") - 1
-        n = hi - lo + 1
-        which = np.repeat(np.arange(len(iv)), n)
-        k = lo[which] + np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
-        start = np.maximum(a[which], self.cum[k]) - self.cum[k] + self.gid[k]
-        stop = np.minimum(b[which], self.cum[k + 1]) - self.cum[k] + self.gid[k]
-        return merge(np.stack([start, stop], axis=1))
 
-    def consumed(self, pulled: int, pending: np.ndarray) -> np.ndarray:
-        """Ids of the first `pulled` samples of the reading order except those at `pending`
-        positions (read into a shuffle buffer or a bucket, not yet in a batch)."""
-        return self.intervals(complement(from_points(pending), pulled))
+def remainder(runs: np.ndarray, read: int, pending: np.ndarray) -> np.ndarray:
+    """What a worker left of its reading order (runs) after reading `read` samples of which
+    those at `pending` positions were not consumed: those, in reading order, then the rest."""
+    index = RawIndex(runs)
+    held = np.sort(np.asarray(pending, dtype=np.int64))
+    held_runs = np.stack([index.gids(held), np.ones(len(held), dtype=np.int64)], axis=1)
+    return compact(np.concatenate([held_runs, slice_runs(runs, read, index.length)]))

@@ -10,10 +10,14 @@ Exact-epoch mode (the default) lays one epoch out up front, from (seed, epoch) a
 - a worker shuffles its samples through webdataset's seeded buffer, and each sample's crops are
   drawn from a generator seeded by (seed, epoch, sample id), never from the stream's history.
 
-The position (`state_dict`) is the set of samples consumed this epoch. A resume at the same world
-size, workers and batch size replays the layout and drops what was consumed, so the batches that
-follow are bitwise those of an uninterrupted run; at any other layout the unseen samples are laid
-out afresh over the new ranks. Either way no sample is repeated or skipped within the epoch.
+The position (`state_dict`) is a few numbers per worker, whatever the size of the data set: the
+layout is recomputed, and what a worker consumed is the first `read` samples of its reading order
+except those still in its shuffle buffer or buckets (at most a buffer's worth of positions). A
+resume at the same world size, workers and batch size replays the layout (consumed samples pass
+the shuffle as placeholders, their shards are not read again) and drops what was consumed, so the
+batches that follow are bitwise those of an uninterrupted run; at any other layout what every
+worker left is shared out afresh over the new ranks. Either way no sample is repeated or skipped
+within the epoch. The layout itself (shard order, intervals, splits) is in `layout.py`.
 
 Resampled mode is an endless stream: each worker draws shards with replacement; a resume starts
 fresh streams (seeded by the batches already consumed) rather than replaying.
@@ -432,14 +436,21 @@ class _ResampledDataset(IterableDataset):
 class _Position:
     """Where the rank stands in the current epoch.
 
-    A layout is recomputed from (seed, epoch, world size, workers, batch size, `done`), so the
-    samples this rank consumed under it are, per worker, the first `read` of the worker's
-    reading order except the `pending` positions (read into a shuffle buffer or a bucket, not
-    yet in a batch): a few numbers per worker, whatever the size of the data set.
+    The epoch starts with a layout computed from (seed, epoch, world size, workers, batch size);
+    a resume at another layout shares out what the last one left. Under a layout, the samples
+    this rank consumed are, per worker, the first `read` of the worker's reading order except
+    the `pending` positions (read into a shuffle buffer or a bucket, not yet in a batch): a few
+    numbers per worker, whatever the size of the data set.
     """
 
     epoch: int = 0
-    done: np.ndarray | None = None  # intervals consumed before the current layout was made
+    # A layout made from what an earlier one left: per worker its reading order as (first id,
+    # length) runs, the number of samples shared, and the (rank, world size) they were shared
+    # over. None: the epoch's own layout, minus `done` (intervals; positions of old versions).
+    runs: list[np.ndarray] | None = None
+    remaining: int = 0
+    split: tuple[int, int] = (0, 1)
+    done: np.ndarray | None = None
     read: list[int] = field(default_factory=list)  # per worker of the current layout
     pending: list[set[int]] = field(default_factory=list)  # per worker: reading positions
     batches: int = 0  # batches yielded under the current layout
@@ -447,13 +458,17 @@ class _Position:
     bad: Counter = field(default_factory=Counter)  # this epoch: bad samples per shard
 
 
-def _ints(data: bytes | None) -> np.ndarray:
+def _ints(data: torch.Tensor | bytes | None) -> np.ndarray:
+    """An int64 array from a saved tensor (or the raw bytes an earlier version saved)."""
+    if isinstance(data, torch.Tensor):
+        return data.numpy().astype(np.int64).reshape(-1)
     return np.frombuffer(data or b"", dtype=np.int64).copy()
 
 
-def _intervals(data: bytes | None) -> np.ndarray | None:
-    iv = _ints(data).reshape(-1, 2)
-    return iv if len(iv) else None
+def _positions(pending: set[int]) -> torch.Tensor:
+    """Reading positions, sorted, in 4 bytes each where they fit (they are per worker)."""
+    small = max(pending, default=0) < 2**31
+    return torch.tensor(sorted(pending), dtype=torch.int32 if small else torch.int64)
 
 
 class ShardLoader:
@@ -504,31 +519,47 @@ class ShardLoader:
         # batch's copy to the device one batch ahead of handing it out (see `_ahead`).
         self.pin_memory, self.prefetch = pin_memory, prefetch
         self.pos = _Position()
+        self._cached: tuple | None = None
 
     # Layout --------------------------------------------------------------------------------
 
     def plan(self) -> RankPlan:
-        """This rank's layout of the current epoch (exact mode)."""
+        """This rank's layout of the current epoch."""
         return self._layout()[0]
 
-    def _layout(self) -> tuple[RankPlan, list[RawIndex]]:
-        """The plan and each worker's reading order, computed once per layout."""
-        key = (self.pos.epoch, self.pos.done)
-        cached = getattr(self, "_cached", None)
-        if cached is None or cached[0][0] != key[0] or cached[0][1] is not key[1]:
-            plan = plan_epoch(
-                self.shards,
-                seed=self.seed,
-                epoch=self.pos.epoch,
-                rank=self.rank,
-                world_size=self.world_size,
-                workers=self.workers,
-                batch_size=self.batch_size,
-                done=self.pos.done,
-            )
-            indexes = [RawIndex(self.shards, w.segments) for w in plan.workers]
-            self._cached = cached = (key, plan, indexes)
-        return cached[1], cached[2]
+    def _layout(self) -> tuple[RankPlan, list[np.ndarray], list[RawIndex]]:
+        """The plan, each worker's reading order (runs) and its index, once per layout."""
+        pos, cached = self.pos, self._cached
+        if cached is None or cached[:3] != (pos.epoch, id(pos.runs), id(pos.done)):
+            if pos.runs is None:
+                plan = plan_epoch(
+                    self.shards,
+                    seed=self.seed,
+                    epoch=pos.epoch,
+                    rank=self.rank,
+                    world_size=self.world_size,
+                    workers=self.workers,
+                    batch_size=self.batch_size,
+                    done=pos.done,
+                )
+                runs = [layout.runs_of(self.shards, w.segments) for w in plan.workers]
+            else:
+                rank, world_size = pos.split
+                plan = layout.plan_runs(
+                    self.shards,
+                    pos.runs,
+                    remaining=pos.remaining,
+                    rank=rank,
+                    world_size=world_size,
+                    batch_size=self.batch_size,
+                )
+                runs = pos.runs
+            # Keyed by identity: a new layout is always new objects (the cache holds them, so
+            # their ids cannot be reused while it does).
+            index = [RawIndex(r) for r in runs]
+            key = (pos.epoch, id(pos.runs), id(pos.done))
+            self._cached = cached = (*key, plan, runs, index, pos.runs, pos.done)
+        return cached[3], cached[4], cached[5]
 
     def __len__(self) -> int:
         """Batches left in the current epoch (grouped batches: the fixed-size estimate)."""
@@ -615,9 +646,13 @@ class ShardLoader:
 
     def _iter_grouped(self) -> Iterator[dict]:
         if any(self.pos.read):
-            # Mid-epoch: lay the unseen samples out afresh (grouping is not replayable by count).
-            self.pos.done = self._done()
-            self.pos.read, self.pos.pending, self.pos.batches = [], [], 0
+            # Mid-epoch: what this rank left is laid out afresh over its workers (grouping is
+            # not replayable by count).
+            runs, remaining = self._relayout([self.state_dict()], rank=0, world_size=1)
+            self.pos = _Position(
+                epoch=self.pos.epoch, runs=runs, remaining=remaining, split=(0, 1),
+                stats=self.pos.stats, bad=self.pos.bad,
+            )  # fmt: skip
         plan = self.plan()
         self._start_layout(len(plan.workers))
         job = _Job(
@@ -635,16 +670,6 @@ class ShardLoader:
             yield self._account(batch, expected)
         if self.agree is not None:
             self.agree(False)  # the others' pending agree(True) now returns False
-
-    def _done(self) -> np.ndarray | None:
-        """Intervals of the samples consumed this epoch so far, whatever the layout."""
-        _, indexes = self._layout()
-        parts = [
-            index.consumed(read, np.fromiter(pending, dtype=np.int64, count=len(pending)))
-            for index, read, pending in zip(indexes, self.pos.read, self.pos.pending, strict=False)
-        ]
-        done = layout.union(self.pos.done, *parts)
-        return done if len(done) else None
 
     def _iter_resampled(self) -> Iterator[dict]:
         dataset = _ResampledDataset(
@@ -674,7 +699,7 @@ class ShardLoader:
             self.pos.read[worker] = read
             gids = [*ids[ids >= 0].tolist(), *(b[0] for b in bad)]
             if gids:
-                index = self._layout()[1][worker]
+                index = self._layout()[2][worker]
                 pending.difference_update(index.positions(np.array(gids)).tolist())
         stats["samples"] += int((ids >= 0).sum())
         stats["padding"] += int((ids < 0).sum())
@@ -708,32 +733,42 @@ class ShardLoader:
     def state_dict(self) -> dict[str, Any]:
         """This rank's position; save one per rank and pass them all to `load_state_dict`.
 
-        Its size does not grow with the data set: the layout's parameters, the samples done
-        before it (as intervals), and per worker a count and the positions still pending (at
-        most a shuffle buffer and a bucket's worth)."""
-        done = self.pos.done if self.pos.done is not None else layout.EMPTY
+        Its size does not grow with the data set: the layout's parameters, each worker's
+        reading order as runs (a few per shard it reads), how far it read, the positions still
+        pending (at most a shuffle buffer and a bucket's worth) and how many samples it left."""
+        plan, runs, _ = self._layout()
+        self._start_layout(len(plan.workers))
+        pos = self.pos
+        left = [int(r[:, 1].sum()) - n + len(p) for r, n, p in zip(runs, pos.read, pos.pending,
+                                                                    strict=True)]  # fmt: skip
+        # What the layout shared out: the epoch's own layout shares everything not done before.
+        remaining = pos.remaining if pos.runs is not None else self.total - layout.count(pos.done)
         return {
             "version": STATE_VERSION,
             "mode": self.mode,
-            "epoch": self.pos.epoch,
+            "epoch": pos.epoch,
             "rank": self.rank,
             "world_size": self.world_size,
             "workers": self.workers,
             "batch_size": self.batch_size,
             "seed": self.seed,
             "total": self.total,
-            "batches": self.pos.batches,
-            "done": done.astype(np.int64).tobytes(),
-            "read": list(self.pos.read),
-            "pending": [np.array(sorted(p), dtype=np.int64).tobytes() for p in self.pos.pending],
-            "bad": dict(self.pos.bad),  # this epoch's bad samples per shard, so far
+            "batches": pos.batches,
+            "remaining": remaining,
+            "split": list(pos.split if pos.runs is not None else (self.rank, self.world_size)),
+            # Tensors, not bytes: a rank file read memory-mapped reads these only when used.
+            "runs": [torch.from_numpy(r.astype(np.int64)) for r in runs],
+            "read": list(pos.read),
+            "pending": [_positions(p) for p in pos.pending],
+            "left": left,
+            "bad": dict(pos.bad),  # this epoch's bad samples per shard, so far
         }
 
     def load_state_dict(self, states: dict[str, Any] | Sequence[dict[str, Any]]) -> None:
         """Resume from the states of every rank of the run that saved them (any world size).
 
         `states` may load each rank's state when indexed: at the same layout only this rank's
-        and rank 0's are read; at another one every rank's is needed (what each consumed)."""
+        and rank 0's are read; at another one every rank's is read."""
         states = [states] if isinstance(states, dict) else states
         first = states[0]
         if first["total"] != self.total:
@@ -742,8 +777,9 @@ class ShardLoader:
                 f"hold {self.total}: resume with the shards the run started with"
             )
         pos = _Position(epoch=first["epoch"], stats=self.pos.stats)
+        version = first.get("version", 1)
         same = (
-            first.get("version", 1) == STATE_VERSION
+            version == STATE_VERSION
             and first["mode"] == self.mode
             and len(states) == self.world_size
             and (first["world_size"], first["workers"], first["batch_size"], first["seed"])
@@ -757,7 +793,8 @@ class ShardLoader:
                 raise DataError(
                     "the saved per-rank data positions disagree on epoch or batch count"
                 )
-            pos.done = _intervals(mine["done"])
+            pos.runs = [_ints(r).reshape(-1, 2) for r in mine["runs"]]
+            pos.remaining, pos.split = int(mine["remaining"]), tuple(mine["split"])
             pos.read = list(mine["read"])
             pos.pending = [set(_ints(p).tolist()) for p in mine["pending"]]
             pos.batches = mine["batches"]
@@ -765,43 +802,61 @@ class ShardLoader:
             # layout gets a fresh budget over what is left.)
             pos.bad = Counter(mine.get("bad") or {})
         else:
-            pos.done = self._consumed_by([states[r] for r in range(len(states))])
+            everyone = [states[r] for r in range(len(states))]
+            if len({(s["epoch"], s["batches"]) for s in everyone}) != 1:
+                raise DataError(
+                    "the saved per-rank data positions disagree on epoch or batch count"
+                )
+            if version == 1:
+                pos.done = self._done_v1(everyone)
+                left = self.total - layout.count(pos.done)
+            else:
+                pos.runs, left = self._relayout(everyone, self.rank, self.world_size)
+                pos.remaining, pos.split = left, (self.rank, self.world_size)
             log.info(
                 "data position: re-laying out %d unseen samples of epoch %d over %d ranks",
-                self.total - layout.count(pos.done), pos.epoch, self.world_size,
+                left, pos.epoch, self.world_size,
             )  # fmt: skip
         self.pos = pos
         self._cached = None
 
-    def _consumed_by(self, states: Sequence[dict[str, Any]]) -> np.ndarray | None:
-        """Intervals of what the ranks that saved `states` consumed in their epoch."""
-        if len({(s["epoch"], s["batches"]) for s in states}) != 1:
-            raise DataError("the saved per-rank data positions disagree on epoch or batch count")
-        first = states[0]
-        if first.get("version", 1) == 1:  # bitmaps of the whole data set
-            masks = [
-                np.unpackbits(np.frombuffer(st[k], dtype=np.uint8), count=self.total)
-                for st in states
-                for k in ("excluded", "consumed")
-                if st[k] is not None
-            ]
-            done = layout.union(*(layout.from_bitmap(m) for m in masks))
-            return done if len(done) else None
-        pieces: dict[bytes, layout.Pieces] = {}  # per layout the ranks worked under
-        parts = []
-        for st in states:
-            before = _intervals(st["done"])
-            parts.append(before)
-            if st["done"] not in pieces:
-                pieces[st["done"]] = layout.epoch_pieces(
-                    self.shards, seed=st["seed"], epoch=st["epoch"], done=before
+    def _relayout(
+        self, states: Sequence[dict[str, Any]], rank: int, world_size: int
+    ) -> tuple[list[np.ndarray], int]:
+        """This rank's workers' reading orders (runs) in a layout of what the ranks that saved
+        `states` left, shared over `world_size` ranks; and how many samples are shared.
+
+        The leftovers are taken in saved-rank, then worker order; each one is what the worker
+        had read but not consumed, then what it had not read. Only the counts come from every
+        state; the runs only from the states whose leftovers this rank takes."""
+        owners = [(st, w) for st in states for w in range(len(st["left"]))]
+        cum = np.cumsum([0, *(int(n) for st in states for n in st["left"])])
+        remaining = int(cum[-1])
+        sp = layout.split(remaining, rank=rank, world_size=world_size, workers=self.workers,
+                          batch_size=self.batch_size)  # fmt: skip
+        runs = []
+        for lo, hi in sp.ranges:
+            parts = [layout.EMPTY]
+            k0 = int(np.searchsorted(cum, lo, side="right")) - 1
+            for k in range(max(k0, 0), int(np.searchsorted(cum, hi, side="left"))):
+                a, b = max(lo, int(cum[k])), min(hi, int(cum[k + 1]))
+                if a >= b:
+                    continue
+                st, w = owners[k]
+                left = layout.remainder(
+                    _ints(st["runs"][w]).reshape(-1, 2), st["read"][w], _ints(st["pending"][w])
                 )
-            plan = plan_epoch(
-                self.shards, seed=st["seed"], epoch=st["epoch"], rank=st["rank"],
-                world_size=st["world_size"], workers=st["workers"],
-                batch_size=st["batch_size"], pieces=pieces[st["done"]],
-            )  # fmt: skip
-            for w, read, pending in zip(plan.workers, st["read"], st["pending"], strict=False):
-                parts.append(RawIndex(self.shards, w.segments).consumed(read, _ints(pending)))
-        done = layout.union(*parts)
+                parts.append(layout.slice_runs(left, a - int(cum[k]), b - int(cum[k])))
+            runs.append(layout.compact(np.concatenate(parts)))
+        return runs, remaining
+
+    def _done_v1(self, states: Sequence[dict[str, Any]]) -> np.ndarray | None:
+        """Intervals of what was consumed, from positions saved as bitmaps of the data set."""
+        masks = [
+            np.unpackbits(np.frombuffer(st[k], dtype=np.uint8), count=self.total)
+            for st in states
+            for k in ("excluded", "consumed")
+            if st[k] is not None
+        ]
+        done = layout.union(*(layout.from_bitmap(m) for m in masks))
         return done if len(done) else None

@@ -50,7 +50,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -149,6 +149,44 @@ def _torch_save_atomic(obj: Any, path: Path) -> tuple[int, str]:
 
 def _torch_load(path: Path) -> Any:
     return safe_load.load(path, deepspeed=True)
+
+
+class RankStates(Sequence):
+    """The per-rank states of a checkpoint (index = saved rank), each file read when first
+    indexed: at the same world size a rank reads its own, not every rank's."""
+
+    def __init__(self, tag_dir: Path, count: int) -> None:
+        self.tag_dir, self.count = tag_dir, count
+        self._loaded: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, rank: int) -> Any:  # type: ignore[override]
+        if not -self.count <= rank < self.count:
+            raise IndexError(f"rank {rank} of {self.count} saved ranks")
+        rank %= self.count
+        if rank not in self._loaded:
+            # Memory-mapped: a reader that needs a few numbers of every rank's state (a data
+            # position re-laid out over another world size) does not read all of every file.
+            path = self.tag_dir / f"rank-{rank:05d}.pt"
+            self._loaded[rank] = safe_load.load(path, deepspeed=True, mmap=True)
+        return self._loaded[rank]
+
+    def field(self, key: str) -> Sequence:
+        """One key of every rank's state, still read on demand."""
+        return _Field(self, key)
+
+
+class _Field(Sequence):
+    def __init__(self, states: RankStates, key: str) -> None:
+        self.states, self.key = states, key
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def __getitem__(self, rank: int) -> Any:  # type: ignore[override]
+        return self.states[rank][self.key]
 
 
 class _RecordingCheckpointEngine:
@@ -531,7 +569,8 @@ class CheckpointManager:
     ) -> tuple[dict, list[dict], dict[str, dict]]:
         """Collective. Loads a committed tag into `engine`.
 
-        Returns (client_state, rank_states of all saved ranks, index = saved rank, shared dicts).
+        Returns (client_state, rank_states of all saved ranks, index = saved rank, shared dicts);
+        a rank's state is read when first indexed, so a rank that needs only its own reads one.
         At another world size, ZeRO-1/2 go through DeepSpeed's universal format and ZeRO-3 loads
         weights only (`load_optimizer=False`); ZeRO-3 with optimizer state raises CheckpointError.
         """
@@ -582,7 +621,7 @@ class CheckpointManager:
                 raise CheckpointError(f"DeepSpeed found no checkpoint files in {where}")
 
         client_state = self._client_state(ds_client or {}, record, tag_dir)
-        rank_states = [_torch_load(tag_dir / f"rank-{r:05d}.pt") for r in range(saved_ws)]
+        rank_states = RankStates(tag_dir, saved_ws)
         shared = {name: _torch_load(tag_dir / f"shared-{name}.pt") for name in record["shared"]}
         return client_state, rank_states, shared
 

@@ -421,7 +421,7 @@ def _resume(
             env.world_size,
         )
     client, rank_states, shared = ckpt.load(engine, tag, load_optimizer=load_optimizer)
-    loader.load_state_dict([s["data"] for s in rank_states])
+    loader.load_state_dict(rank_states.field("data"))
     set_rng_state(rank_states[env.rank]["rng"] if env.rank < len(rank_states) else {})
     if shared:
         objective.load_shared_state(shared)

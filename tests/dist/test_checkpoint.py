@@ -104,7 +104,7 @@ def test_save_commits_prunes_and_round_trips(tmp_path):
     assert mgr.latest() == tag_dir
     client, rank_states, shared = mgr.load(engine, tag_dir)
     assert client == {"step": 3}
-    assert rank_states == [{"pos": 30}]
+    assert list(rank_states) == [{"pos": 30}]
     assert torch.equal(shared["teacher"]["w"], torch.full((3,), 3.0))
 
 

@@ -58,7 +58,11 @@ def test_pieces_hold_the_samples_not_done_in_shard_order(seed):
     assert pieces.total == 50 - len(done_points)
 
 
-def test_raw_index_positions_and_consumed_sets():
+def order_of(runs: np.ndarray) -> list[int]:
+    return [g for start, n in runs for g in range(start, start + n)]
+
+
+def test_reading_orders_as_runs_positions_and_remainders():
     shards = refs([7, 13, 1, 20, 9])
     plan = plan_epoch(
         shards, seed=3, epoch=0, rank=1, world_size=2, workers=2, batch_size=4,
@@ -66,9 +70,22 @@ def test_raw_index_positions_and_consumed_sets():
     )  # fmt: skip
     for w in plan.workers:
         order = [shards[s].offset + i for s, f, e in w.segments for i in range(f, e)]
-        index = RawIndex(shards, w.segments)
+        runs = layout.runs_of(shards, w.segments)
+        assert order_of(runs) == order
+        assert layout.segments_of(shards, runs) == w.segments
+        index = RawIndex(runs)
         assert index.positions(np.array(order)).tolist() == list(range(len(order)))
+        assert index.gids(np.arange(len(order))).tolist() == order
+        for lo in range(len(order) + 1):
+            for hi in range(lo, len(order) + 2):
+                assert order_of(layout.slice_runs(runs, lo, hi)) == order[lo:hi]
         for read in range(len(order) + 1):
             pending = np.array([p for p in (read - 1, read - 3) if p >= 0])
-            expected = {order[p] for p in range(read)} - {order[p] for p in pending}
-            assert ids(index.consumed(read, pending)) == expected
+            left = layout.remainder(runs, read, pending)
+            assert order_of(left) == [order[p] for p in sorted(pending)] + order[read:]
+
+
+def test_compact_joins_runs_that_continue_each_other():
+    runs = np.array([[5, 1], [6, 2], [8, 1], [20, 3], [2, 1], [3, 1]])
+    assert layout.compact(runs).tolist() == [[5, 4], [20, 3], [2, 2]]
+    assert order_of(layout.compact(runs)) == order_of(runs)
