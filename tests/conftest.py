@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pytest
@@ -14,7 +14,9 @@ def image_shards(tmp_path_factory) -> Callable[..., str]:
     """Factory of labelled tar shards (class folders c0, c1, ...) of smooth random JPEGs.
 
     Smooth (a 6x6 random image upscaled) so that models can learn something from them; written
-    once per set of arguments and session. Returns the shard folder (with its manifest).
+    once per set of arguments and session. Every image is `size` (width, height), unless `sizes`
+    is given: then image k (counting over all classes) is sizes[k % len(sizes)]. Returns the
+    shard folder (with its manifest).
     """
     from pipeline.data.shards import write_shards
 
@@ -26,8 +28,9 @@ def image_shards(tmp_path_factory) -> Callable[..., str]:
         size: tuple[int, int] = (48, 40),
         shard_size: int = 10,
         seed: int = 0,
+        sizes: Sequence[tuple[int, int]] = (),
     ) -> str:
-        key = (classes, per_class, tuple(size), shard_size, seed)
+        key = (classes, per_class, tuple(size), shard_size, seed, tuple(map(tuple, sizes)))
         if key not in made:
             root = tmp_path_factory.mktemp("shards")
             rng = np.random.default_rng(seed)
@@ -35,7 +38,8 @@ def image_shards(tmp_path_factory) -> Callable[..., str]:
                 (root / "src" / f"c{c}").mkdir(parents=True)
                 for i in range(per_class):
                     base = rng.integers(0, 255, (6, 6, 3), dtype=np.uint8)
-                    img = Image.fromarray(base).resize(tuple(size), Image.BILINEAR)
+                    wh = sizes[(c * per_class + i) % len(sizes)] if sizes else size
+                    img = Image.fromarray(base).resize(tuple(wh), Image.BILINEAR)
                     img.save(root / "src" / f"c{c}" / f"{i}.jpg", quality=90)
             write_shards(root / "src", root / "shards", shard_size=shard_size, progress=False)
             made[key] = str(root / "shards")

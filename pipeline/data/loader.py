@@ -20,6 +20,7 @@ from PIL import Image
 
 from pipeline.config import DataConfig
 from pipeline.data.buckets import (
+    Bucket,
     BucketBatcher,
     NaViTBatcher,
     batch_tokens_from_config,
@@ -79,9 +80,16 @@ class BucketGrouper:
 
 
 class NaViTGrouper:
-    """Groups raw samples into packed sequences at their (capped) native resolution."""
+    """Groups raw samples into packed sequences at their (capped) native resolution.
 
-    def __init__(self, data: DataConfig, patch: int, seqs_per_batch: int, prefix: int) -> None:
+    Each image's shape comes from `navit_shape`; MAE takes the whole image at it, DINO its
+    global crops at it and its local crops at that shape scaled by local_size / global_size
+    (about the native resolution of a local crop's box, as `local_shape` does for buckets).
+    """
+
+    def __init__(
+        self, data: DataConfig, method: str, patch: int, seqs_per_batch: int, prefix: int
+    ) -> None:
         self.kw = dict(
             patch=patch,
             max_side=data.buckets.max_side,
@@ -89,24 +97,45 @@ class NaViTGrouper:
             seqs_per_batch=seqs_per_batch,
             num_prefix_tokens=prefix,
         )
+        self.method, self.crops = method, data.crops
+
+    def shape(self, hw: tuple[int, int]) -> dict[str, Any]:
+        """The transform's keywords for an image of navit shape `hw`."""
+        if self.method != "dino":
+            return {"hw": hw}
+        c, patch = self.crops, self.kw["patch"]
+        local = local_shape(Bucket(*hw), c.global_size, c.local_size, patch)
+        return {"global_hw": hw, "local_hw": (min(local[0], hw[0]), min(local[1], hw[1]))}
 
     def __call__(self, samples: Iterator[dict]) -> Iterator[list[tuple[dict, dict[str, Any]]]]:
         batcher = NaViTBatcher(original_size, **self.kw)
         for batch in batcher.batches(samples):
-            yield [(item, {"hw": hw}) for item, hw in batch.items]
+            yield [(item, self.shape(hw)) for item, hw in batch.items]
         log.info("NaViT packing statistics:\n%s", batcher.summary())
 
 
 class PackCollate:
-    """NaViT collate: one uint8 view per image -> a `PackedBatch` of uint8 patches."""
+    """NaViT collate: uint8 views -> one `PackedBatch` of uint8 patches per view index.
+
+    The grouper sized each group so that one view per image fills at most the batch's rows;
+    packing each view on its own keeps that bound for every view (DINO's local crops are
+    smaller still) and lets the teacher take the global views' packs alone.
+    """
 
     def __init__(self, patch: int, seq_len: int, prefix: int) -> None:
         self.patch, self.seq_len, self.prefix = patch, seq_len, prefix
 
-    def __call__(self, views: list[list[np.ndarray]]) -> PackedBatch:
+    def __call__(self, views: list[list[np.ndarray]]) -> list[PackedBatch]:
         # (3, H, W) uint8 views of the (H, W, 4) RGBX arrays; patchify copies them.
-        images = [torch.from_numpy(v[0][..., :3]).permute(2, 0, 1) for v in views]
-        return pack_images(images, self.patch, self.seq_len, self.prefix)
+        return [
+            pack_images(
+                [torch.from_numpy(v[i][..., :3]).permute(2, 0, 1) for v in views],
+                self.patch,
+                self.seq_len,
+                self.prefix,
+            )
+            for i in range(len(views[0]))
+        ]
 
 
 def crops_on_device(data: DataConfig) -> bool:
@@ -205,8 +234,9 @@ def build_train_loader(
 ) -> ShardLoader:
     """The pretraining loader for `method` ("dino" | "mae") on a backbone of input `stride`.
 
-    With NaViT packing, `batch_size` counts packed sequences, not images. With crops on the
-    device (`crops_on_device`), batches hold a `CropBatch` for `device_crops.cut_views`.
+    With NaViT packing, `batch_size` counts packed sequences of one view, not images, and the
+    views are one `PackedBatch` per view. With crops on the device (`crops_on_device`), batches
+    hold a `CropBatch` for `device_crops.cut_views`.
     """
     if rank == 0:
         warn_if_upsampling(data, method)
@@ -217,8 +247,10 @@ def build_train_loader(
     collate: Callable[[list[Any]], Any] = collate_decoded if on_device else collate_views
     grouper = None
     if data.buckets.navit:
-        transform = ResizeTo(data.crops.hflip)
-        grouper = NaViTGrouper(data, stride, batch_size, num_prefix_tokens)
+        # MAE: the whole image (its token dropout is the augmentation); DINO: its multicrop.
+        if method != "dino":
+            transform = ResizeTo(data.crops.hflip)
+        grouper = NaViTGrouper(data, method, stride, batch_size, num_prefix_tokens)
         collate = PackCollate(stride, data.buckets.seq_len, num_prefix_tokens)
     elif data.buckets.enabled:
         grouper = BucketGrouper(data, method, stride, batch_size)

@@ -3,14 +3,18 @@
 This module only lays tokens out; the ViT's `forward_packed` turns a `PackedBatch` into features
 with block-diagonal attention. It sits in `data` so the loader can pack without importing models.
 It holds no weights and makes no packing-policy decision beyond first-fit in the given order.
+Besides `pack_images`, the helpers the objectives need on packed batches: `map_images` (a per-image
+transform, run per shape), `select_tokens` (MAE's token dropout) and `cat_packed` (several packed
+views as one forward).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 
 
@@ -35,9 +39,18 @@ class PackedBatch(NamedTuple):
         """Number of real images in the batch."""
         return int((self.grids[..., 0] > 0).sum())
 
-    def to(self, device: torch.device | str) -> PackedBatch:
-        """Move every tensor to `device`."""
-        return PackedBatch(*(t.to(device) for t in self))
+    def to(
+        self, target: torch.device | str | torch.dtype, non_blocking: bool = False
+    ) -> PackedBatch:
+        """Every tensor moved to a device, or the patches cast to a dtype (the layout tensors stay
+        long): what `Tensor.to` does for a batch of views, so the loop treats both alike."""
+        if isinstance(target, torch.dtype):
+            return self._replace(patches=self.patches.to(target))
+        return PackedBatch(*(t.to(target, non_blocking=non_blocking) for t in self))
+
+    def float(self) -> PackedBatch:
+        """The patches as float32."""
+        return self.to(torch.float32)
 
 
 def patchify(image: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -96,3 +109,81 @@ def pack_images(
             order[r, slot] = i
             pos += n
     return PackedBatch(patches, coords, image_ids, grids, order)
+
+
+def token_grids(batch: PackedBatch) -> torch.Tensor:
+    """(B, L, 2) patch grid (rows, cols) of the image each slot belongs to; a padding slot gets
+    its row's first image's grid, so mask it with `coords >= 0` or `image_ids >= 0`."""
+    return torch.gather(
+        batch.grids, 1, batch.image_ids.clamp(min=0).unsqueeze(-1).expand(-1, -1, 2)
+    )
+
+
+def distinct_grids(batch: PackedBatch) -> list[tuple[int, int]]:
+    """The distinct (rows, cols) patch grids of the batch's images."""
+    grids = batch.grids
+    return [tuple(g) for g in torch.unique(grids[grids[..., 0] > 0], dim=0).tolist()]
+
+
+def map_images(
+    batch: PackedBatch, patch_size: int, fn: Callable[[torch.Tensor], torch.Tensor]
+) -> PackedBatch:
+    """`batch` with `fn` applied to its images: fn gets the images of one shape at a time as an
+    (n, C, H, W) batch (in row, then slot order) and returns (n, C', H, W) of any dtype.
+
+    Per-image work that needs the image, not its tokens (colour augmentation, whose blur is
+    spatial; normalisation), runs vectorised this way. Prefix and padding slots are zero after.
+    """
+    patches, coords = batch.patches, batch.coords
+    grid_of_token = token_grids(batch)
+    is_patch = coords[..., 0] >= 0
+    out = None
+    for rows, cols in distinct_grids(batch):
+        sel = is_patch & (grid_of_token == grid_of_token.new_tensor([rows, cols])).all(-1)
+        # Each image's patches are contiguous and row-major, images in (row, slot) order.
+        images = rearrange(patches[sel], "(n h w) (c p q) -> n c (h p) (w q)",
+                           h=rows, w=cols, p=patch_size, q=patch_size)  # fmt: skip
+        mapped = rearrange(fn(images), "n c (h p) (w q) -> (n h w) (c p q)",
+                           p=patch_size, q=patch_size)  # fmt: skip
+        if out is None:
+            out = mapped.new_zeros(*patches.shape[:2], mapped.shape[-1])
+        out[sel] = mapped
+    return batch._replace(patches=patches.new_zeros(patches.shape) if out is None else out)
+
+
+def select_tokens(batch: PackedBatch, keep: torch.Tensor) -> PackedBatch:
+    """The slots where `keep` (B, L) is True, moved to the front of their row in their order
+    (slot l goes to `keep[:, :l].sum()`), rows cut to the longest, padding after.
+
+    Images keep their grids, and each kept patch its coordinates, so the position embeddings
+    and attention groups of the kept tokens are what they were (MAE's token dropout).
+    """
+    b = keep.shape[0]
+    counts = keep.sum(dim=1)
+    length = int(counts.max()) if b else 0
+    # A stable sort of "dropped" flags puts the kept slots first, in their order.
+    index = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :length]
+    valid = torch.arange(length, device=keep.device) < counts.unsqueeze(1)  # (B, L')
+
+    def take(t: torch.Tensor, fill: int) -> torch.Tensor:
+        shape = (b, length) + (1,) * (t.ndim - 2)
+        got = torch.gather(t, 1, index.view(shape).expand(b, length, *t.shape[2:]))
+        return torch.where(valid.view(shape), got, fill)
+
+    return PackedBatch(take(batch.patches, 0), take(batch.coords, -1),
+                       take(batch.image_ids, -1), batch.grids, batch.order)  # fmt: skip
+
+
+def cat_packed(batches: Sequence[PackedBatch]) -> PackedBatch:
+    """The rows of several batches (one row length) as one batch, images numbered on: the images
+    of `batches[k]` come after those of every earlier batch in `order`, so one `forward_packed`
+    returns the pooled features of every batch, one batch after the other."""
+    slots = max(x.grids.shape[1] for x in batches)
+    parts, offset = [], 0
+    for x in batches:
+        pad = slots - x.grids.shape[1]
+        order = F.pad(x.order, (0, pad), value=-1)
+        parts.append((x.patches, x.coords, x.image_ids, F.pad(x.grids, (0, 0, 0, pad)),
+                      torch.where(order >= 0, order + offset, order)))  # fmt: skip
+        offset += x.num_images
+    return PackedBatch(*(torch.cat(t) for t in zip(*parts, strict=True)))

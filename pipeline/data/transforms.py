@@ -645,6 +645,15 @@ class DeviceAugment:
         mean, std = _stats(self.color.mean, xs[0]), _stats(self.color.std, xs[0])
         return [_normalize_float(x, mean, std) for x in xs]
 
+    def view(self, view: torch.Tensor, index: int, generator: torch.Generator) -> torch.Tensor:
+        """View `index` of a batch's list on its own (its kind from the index), as `__call__`
+        treats it: uint8 (B, 3 or 4, H, W) -> float32 normalised (B, 3, H, W). Packed (NaViT)
+        views run it once per image shape."""
+        x = _to_float(view)
+        if self.color.enabled:
+            x = self._augment_one(x, self._kind(index), generator)
+        return _normalize_float(x, _stats(self.color.mean, x), _stats(self.color.std, x))
+
     def _augment_one(self, x: torch.Tensor, kind: int, generator: torch.Generator) -> torch.Tensor:
         c = self.color
         bsz = x.shape[0]

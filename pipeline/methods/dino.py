@@ -43,6 +43,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from pipeline.config import DinoConfig
+from pipeline.data.packing import PackedBatch, cat_packed
 from pipeline.models.base import Backbone
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
@@ -110,7 +111,7 @@ class DINOHead(nn.Module):
 def multicrop_embed(
     backbone: nn.Module,
     head: nn.Module,
-    views: Sequence[torch.Tensor],
+    views: Sequence[torch.Tensor] | Sequence[PackedBatch],
     pooled_out: list[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """Head outputs per view, with one backbone call per distinct resolution.
@@ -119,7 +120,18 @@ def multicrop_embed(
     together, which is what makes multi-crop affordable; the head then runs once over all of them.
     Outputs come back in the order of `views`, each (B_view, out_dim). When `pooled_out` is given,
     the backbone's pooled features per view are appended to it, in the same order.
+
+    Packed views (NaViT: view i of every image in one `PackedBatch`, each image at its own size)
+    run as one packed batch of all their rows, one backbone call; image j of view i is row j of
+    output i, as unpacked.
     """
+    if views and isinstance(views[0], PackedBatch):
+        counts = [v.num_images for v in views]
+        # Through __call__ (not forward_packed) so module hooks run, ZeRO-3's included.
+        feats = backbone(cat_packed(views))  # (sum of images, D), view after view
+        if pooled_out is not None:
+            pooled_out.extend(feats.split(counts))
+        return list(head(feats).split(counts))
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, view in enumerate(views):
         groups.setdefault(tuple(view.shape[1:]), []).append(i)

@@ -16,6 +16,10 @@ hierarchical backbones), exactly round(mask_ratio * units) of them hidden; predi
 live in one patch layout (B, L, s*s*C) with s = `backbone.mask_stride`; the loss is the mean pixel
 error over hidden pixels only.
 
+NaViT (ViT only): `forward` on a `PackedBatch` runs `forward_packed`, MAE inside each packed image
+(its own share of patches dropped, attention within the image in encoder and decoder, its own
+loss), so that each image's loss is the one it gets alone; the batch loss is their mean.
+
 Not here: optimisers, backward, device placement or anything distributed (see `pipeline/train/`),
 and data augmentation. Randomness comes only from the `torch.Generator` passed to `forward`.
 """
@@ -31,6 +35,7 @@ from einops import rearrange, repeat
 from torch import nn
 
 from pipeline.config import MaeConfig
+from pipeline.data.packing import PackedBatch, distinct_grids, select_tokens, token_grids
 from pipeline.models.base import Backbone
 from pipeline.models.vit import Block
 
@@ -129,10 +134,11 @@ class PixelDecoder(nn.Module):
             self._pos_cache[key] = sincos_pos_embed_2d(self.dim, rows, cols).to(device)
         return self._pos_cache[key]
 
-    def run(self, x: torch.Tensor) -> torch.Tensor:
-        """Blocks, norm and prediction over already-embedded tokens (B, T, dim) -> (B, T, out)."""
+    def run(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Blocks, norm and prediction over already-embedded tokens (B, T, dim) -> (B, T, out);
+        `attn_mask` as `Attention`'s (packed rows: each token attends to its own image)."""
         for blk in self.blocks:
-            x = blk(x)
+            x = blk(x) if attn_mask is None else blk(x, attn_mask)
         return self.pred(self.norm(x))
 
 
@@ -277,7 +283,11 @@ class MAE(nn.Module):
 
     def target(self, images: torch.Tensor) -> torch.Tensor:
         """Pixels per output cell (B, L, s*s*C) in float32; per-cell normalised if norm_pix."""
-        target = self.patchify(images.float(), self.pred_patch)
+        return self.cell_target(self.patchify(images.float(), self.pred_patch))
+
+    def cell_target(self, target: torch.Tensor) -> torch.Tensor:
+        """float32 pixels per output cell (..., s*s*C) -> the target: per-cell normalised if
+        norm_pix."""
         if self.cfg.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)  # unbiased, as MAE
@@ -330,12 +340,15 @@ class MAE(nn.Module):
             )
 
     def forward(
-        self, images: torch.Tensor, generator: torch.Generator | None = None
+        self, images: torch.Tensor | PackedBatch, generator: torch.Generator | None = None
     ) -> dict[str, object]:
         """images (B, C, H, W) normalised floats -> {"loss", "logs", "pred", "mask"}.
 
         `generator` (on the images' device) draws the masks; None uses torch's default one.
+        A `PackedBatch` goes to `forward_packed`.
         """
+        if isinstance(images, PackedBatch):
+            return self.forward_packed(images, generator)
         self.check_input(images)
         b, _, h, w = images.shape
         rows, cols = self.backbone.grid_size(h, w)
@@ -358,6 +371,97 @@ class MAE(nn.Module):
             "logs": {"mask_ratio": hidden_share},
             "pred": pred,
             "mask": masks.mask,
+        }
+
+    # NaViT: packed images of mixed sizes -----------------------------------------------------
+
+    def packed_masking(self, batch: PackedBatch, generator: torch.Generator | None) -> torch.Tensor:
+        """(B, L) bool, True = hidden: per image of N patches, exactly as `random_masking` hides
+        them in an image of its own (round(mask_ratio * N), at least one, at least one visible;
+        the lowest-noise patches kept), with the noise drawn once for the whole packed batch."""
+        _, coords, ids, grids, _ = batch
+        if self.mask_unit != self.backbone.patch_size:
+            raise ValueError(
+                f"method.mae.mask_patch_size={self.mask_unit} does not apply to packed (NaViT) "
+                f"batches: their images mask single {self.backbone.patch_size}-pixel patches"
+            )
+        sizes = grids.prod(dim=-1)  # (B, M) patches per image, 0 for unused slots
+        if bool(((sizes > 0) & (sizes < 2)).any()):
+            raise ValueError("a packed image of a single patch cannot be masked; need >= 2")
+        hidden = (sizes * self.cfg.mask_ratio).round().long().clamp(min=1)
+        keep = sizes - torch.minimum(hidden, sizes - 1)  # (B, M) patches kept per image
+        is_patch = coords[..., 0] >= 0
+        noise = torch.rand(ids.shape, generator=generator, device=ids.device)
+        # Sort each row by (image, noise): every image's patches become one run, lowest noise
+        # first; a patch's rank in its image is its place in the run.
+        key = torch.where(is_patch, ids.double() + noise.double(), math.inf)
+        by_key = key.argsort(dim=1, stable=True)
+        start = sizes.cumsum(dim=1) - sizes  # (B, M) where each image's run begins
+        run_start = start.gather(1, ids.gather(1, by_key).clamp(min=0))
+        rank_sorted = torch.arange(ids.shape[1], device=ids.device) - run_start
+        rank = torch.empty_like(rank_sorted).scatter_(1, by_key, rank_sorted)
+        return is_patch & (rank >= keep.gather(1, ids.clamp(min=0)))
+
+    def forward_packed(
+        self,
+        batch: PackedBatch,
+        generator: torch.Generator | None = None,
+        hidden: torch.Tensor | None = None,
+    ) -> dict[str, object]:
+        """MAE on a `PackedBatch` of normalised patches (NaViT): each image loses a share of its
+        own patches (`packed_masking`, or `hidden` (B, L) when given), the encoder runs on the
+        rest (`select_tokens`), the decoder on every slot with attention inside each image, and
+        each image's loss is its mean error over its hidden patches, as `forward` gives an image
+        alone. Returns {"loss" (the mean over images), "logs", "pred" (B, L, p*p*C), "mask"
+        (B, L), "per_image" (num_images,) in the caller's order}."""
+        if self.backbone.masking != "drop":
+            raise ValueError("packed (NaViT) batches need a ViT ('drop' masking) backbone")
+        if hidden is None:
+            hidden = self.packed_masking(batch, generator)
+        patches, coords, ids, grids, order = batch
+        keep = (ids >= 0) & ~hidden  # prefix tokens and visible patches
+        latent = self.backbone.packed_tokens(select_tokens(batch, keep))  # (B, L', D)
+
+        dec = self.decoder
+        x = dec.embed(latent)
+        # Back to the full layout: kept slot l is at keep[:, :l].sum() in the encoder's rows.
+        at = (keep.cumsum(dim=1) - 1).clamp(min=0)
+        x = torch.gather(x, 1, repeat(at, "b l -> b l d", d=x.shape[-1]))
+        x = torch.where(keep.unsqueeze(-1), x, dec.mask_token.to(x.dtype))
+        # Position per patch of its own image's grid; the prefix (cls) gets zero, as in MAE.
+        is_patch = coords[..., 0] >= 0
+        grid_of_token = token_grids(batch)
+        pos = torch.zeros_like(x)
+        for rows, cols in distinct_grids(batch):
+            sel = is_patch & (grid_of_token == grid_of_token.new_tensor([rows, cols])).all(-1)
+            table = dec.pos_embed(rows, cols, x.device).to(x.dtype)
+            pos[sel] = table[coords[sel][:, 0] * cols + coords[sel][:, 1]]
+        same = (ids.unsqueeze(2) == ids.unsqueeze(1)).unsqueeze(1)  # (B, 1, L, L)
+        pred = dec.run(x + pos, same)  # (B, L, p*p*C)
+
+        # Packed patches are (c p q); predictions and targets are (p q c), as `patchify`.
+        s = self.pred_patch
+        pixels = rearrange(patches.float(), "b l (c p q) -> b l (p q c)", p=s, q=s)
+        target = self.cell_target(pixels)
+        if self.cfg.loss == "l1":
+            err = F.l1_loss(pred.float(), target, reduction="none")
+        else:
+            err = F.mse_loss(pred.float(), target, reduction="none")
+        m = grids.shape[1]
+        member = ids.unsqueeze(1) == torch.arange(m, device=ids.device).view(1, m, 1)  # (B, M, L)
+        member = (member & hidden.unsqueeze(1)).float()
+        per_slot = (member @ err.mean(dim=-1, keepdim=True)).squeeze(-1)  # (B, M) error sums
+        per_slot = per_slot / member.sum(dim=-1).clamp(min=1)
+        valid = grids[..., 0] > 0
+        per_image = per_slot.new_empty(int(valid.sum()))
+        per_image[order[valid]] = per_slot[valid]
+        hidden_share = float(hidden.sum()) / max(int(is_patch.sum()), 1)
+        return {
+            "loss": per_image.mean(),
+            "logs": {"mask_ratio": hidden_share},
+            "pred": pred,
+            "mask": hidden,
+            "per_image": per_image,
         }
 
     def no_weight_decay(self) -> set[str]:

@@ -5,7 +5,8 @@
   after position embedding, which is how MAE runs the encoder on visible patches only.
 - `forward_packed(batch)`: NaViT packing; several images of different sizes share one sequence with
   block-diagonal attention, and each image gets the same features as when run alone.
-- `forward(x)`: pooled embedding (cls, mean or attention pooling), or logits with `num_classes`.
+- `forward(x)`: pooled embedding (cls, mean or attention pooling), or logits with `num_classes`;
+  of every image of a `PackedBatch` too.
 
 Parameter names follow timm's ViT so exported weights load there.
 """
@@ -236,12 +237,16 @@ class VisionTransformer(Backbone):
             return features[:, self.num_prefix_tokens :].mean(dim=1)
         return self.attn_pool(features)[:, 0]
 
-    def forward_packed(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """NaViT forward: returns tokens (B, L, D) and pooled features (num_images, D).
+    def forward(self, x: torch.Tensor | PackedBatch) -> torch.Tensor:
+        """Pooled embedding (or logits) per image; a `PackedBatch` gives them in its caller's
+        order (`forward_packed`), so multi-crop code runs packed views unchanged."""
+        if isinstance(x, PackedBatch):
+            return self.head(self.forward_packed(x)[1])
+        return super().forward(x)
 
-        Pooled features come in the caller's order (`batch.order`), not the packing order.
-        """
-        patches, coords, ids, grids, order = batch
+    def packed_tokens(self, batch: PackedBatch) -> torch.Tensor:
+        """NaViT tokens (B, L, D) after the final norm; see `forward_packed`."""
+        patches, coords, ids, grids, _ = batch
         w = self.patch_embed.proj.weight
         x = F.linear(patches.to(w.dtype), w.flatten(1), self.patch_embed.proj.bias)  # (B, L, D)
 
@@ -263,8 +268,16 @@ class VisionTransformer(Backbone):
         # Block-diagonal attention: a token sees only its own image (padding sees padding).
         same = ids.unsqueeze(2) == ids.unsqueeze(1)  # (B, L, L)
         x = run_blocks(self.blocks, x, self.grad_checkpointing, same.unsqueeze(1))
-        x = self.norm(x)
+        return self.norm(x)
 
+    def forward_packed(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """NaViT forward: returns tokens (B, L, D) and pooled features (num_images, D).
+
+        Pooled features come in the caller's order (`batch.order`), not the packing order.
+        """
+        _, coords, ids, grids, order = batch
+        x = self.packed_tokens(batch)
+        is_patch = coords[..., 0] >= 0
         valid = grids[..., 0] > 0  # (B, M)
         m = grids.shape[1]
         member = ids.unsqueeze(1) == torch.arange(m, device=ids.device).view(1, m, 1)  # (B, M, L)

@@ -5,7 +5,8 @@ without gradients, like DINO's teacher) and answers the loop's questions:
 
 - `param_groups(weight_decay)`: AdamW groups by parameter name (never by `ndim`, which ZeRO-3
   hides), and `lr_scale(group_name, epoch)`: a group's learning-rate factor at a fractional epoch;
-- `augment(views, generator)`: the device-side augmentation of a batch's uint8 views;
+- `augment(views, generator)`: the device-side augmentation of a batch's uint8 views (tensors, or
+  NaViT's `PackedBatch`es: one per view, each image at its own size; the methods take either);
 - `attach(engine, ds_config, device)`: anything that needs the built engine (DINO's teacher);
 - `loss(engine, views, values, generator)`: the forward of one micro-batch, `{"loss", "logs"}`;
 - `after_optimizer_step(engine, values, world_size)`: what moves once per optimizer step (DINO's
@@ -27,6 +28,7 @@ from torch import nn
 
 from pipeline.config import Recipe
 from pipeline.data.device_crops import device_views
+from pipeline.data.packing import PackedBatch, map_images
 from pipeline.data.transforms import DeviceAugment, normalize
 from pipeline.methods.dino import DINO, make_teacher
 from pipeline.methods.mae import MAE
@@ -70,6 +72,14 @@ def _backbone(recipe: Recipe) -> nn.Module:
     )
 
 
+Views = list[torch.Tensor] | list[PackedBatch]
+
+
+def _packed(views: Any) -> bool:
+    """Whether a batch's views are NaViT packs (a list of `PackedBatch`, one per view)."""
+    return isinstance(views, list) and bool(views) and isinstance(views[0], PackedBatch)
+
+
 class Objective:
     """The protocol's defaults: one student, no followers, nothing saved beside the engine."""
 
@@ -91,7 +101,7 @@ class Objective:
     def lr_scale(self, group_name: str, epoch: float) -> float:
         return 1.0
 
-    def augment(self, views: Any, generator: torch.Generator) -> list[torch.Tensor]:
+    def augment(self, views: Any, generator: torch.Generator) -> Views:
         raise NotImplementedError
 
     def attach(self, engine: Any, ds_config: dict[str, Any], device: torch.device) -> None:
@@ -125,9 +135,15 @@ class MAEObjective(Objective):
         color = recipe.data.color
         self._mean, self._std = color.mean, color.std
 
-    def augment(self, views: Any, generator: torch.Generator) -> list[torch.Tensor]:
+    def augment(self, views: Any, generator: torch.Generator) -> Views:
         # Flips come with the crops; colour augmentation would only blur the pixel target.
+        if _packed(views):
+            patch = self.student.backbone.patch_size
+            return [map_images(v, patch, self._normalize) for v in views]
         return normalize(device_views(views), self._mean, self._std)
+
+    def _normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return normalize([images], self._mean, self._std)[0]
 
     def loss(
         self, engine: Any, views: list[torch.Tensor], values: dict, generator: torch.Generator
@@ -160,7 +176,13 @@ class DINOObjective(Objective):
         frozen = epoch < self.recipe.method.dino.freeze_last_layer_epochs
         return 0.0 if frozen and "last_layer" in group_name else 1.0
 
-    def augment(self, views: Any, generator: torch.Generator) -> list[torch.Tensor]:
+    def augment(self, views: Any, generator: torch.Generator) -> Views:
+        if _packed(views):  # each view's images, one shape at a time, as that view alone
+            patch = self.student.backbone.patch_size
+            return [
+                map_images(v, patch, lambda x, i=i: self._augment.view(x, i, generator))
+                for i, v in enumerate(views)
+            ]
         return self._augment(device_views(views), generator)
 
     def attach(self, engine: Any, ds_config: dict[str, Any], device: torch.device) -> None:

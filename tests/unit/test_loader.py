@@ -100,9 +100,14 @@ def test_bucketed_batches_hold_one_shape_and_the_token_budget(shards, method):
     assert len(shapes) >= 3, "images of several aspect ratios land in several buckets"
 
 
-def test_navit_batches_pack_and_run_through_a_vit(shards):
+@pytest.mark.parametrize("method", ["dino", "mae"])
+def test_navit_batches_pack_and_run_through_a_vit(shards, method):
     r = recipe(
-        shards, "data.buckets.navit=true", "data.buckets.max_side=64", "data.buckets.seq_len=96"
+        shards,
+        f"method.name={method}",
+        "data.buckets.navit=true",
+        "data.buckets.max_side=64",
+        "data.buckets.seq_len=96",
     )
     ld = loader_for(r, batch_size=2, num_prefix_tokens=0)
     batches = list(ld)
@@ -116,13 +121,17 @@ def test_navit_batches_pack_and_run_through_a_vit(shards):
         class_token=False,
         pool="mean",
     )
+    views = 2 + r.data.crops.local_number if method == "dino" else 1
     for b in batches:
-        packed = b["views"]
-        assert isinstance(packed, PackedBatch) and packed.patches.dtype == torch.uint8
-        assert packed.patches.shape[0] <= 2 and packed.patches.shape[1] == 96
-        x = PackedBatch(packed.patches.float() / 255, *packed[1:])
-        _, pooled = vit.forward_packed(x)
-        assert pooled.shape == (len(b["id"]), 32)
+        assert len(b["views"]) == views  # one pack per view
+        for i, packed in enumerate(b["views"]):
+            assert isinstance(packed, PackedBatch) and packed.patches.dtype == torch.uint8
+            assert packed.patches.shape[0] <= 2 and packed.patches.shape[1] == 96
+            _, pooled = vit.forward_packed(packed.float())
+            assert pooled.shape == (len(b["id"]), 32)
+            if i >= 2:  # DINO's locals: each image's global shape, scaled down
+                local, glob = packed.grids.prod(-1).sum(), b["views"][0].grids.prod(-1).sum()
+                assert local < glob
 
 
 def test_eval_loader_is_ordered_and_complete(shards):
