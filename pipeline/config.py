@@ -469,6 +469,10 @@ RESUMABLE_KEYS: tuple[str, ...] = (
     "checkpoint",
     "train.epochs",
     "train.steps",
+    # How long the wsd cool-down is, like how long the run is: a run held at its peak (wsd) is
+    # extended and annealed by resuming it with a longer train.epochs and a decay_fraction whose
+    # cool-down starts after the resumed step (optim.schedule itself stays).
+    "optim.decay_fraction",
     # Per-rank batch and accumulation may change with the world size as long as their product
     # with it, the global batch, stays: tools/launch.py adjusts grad_accum to keep it, and the
     # trainer refuses a resume at another global batch.

@@ -314,7 +314,14 @@ class DinoConfig:
     koleo_weight: float = _f(0.0, "KoLeo regulariser on the global views' features (DINOv2)")
     teacher_temp: float = _f(0.07, "teacher temperature after warm-up")
     warmup_teacher_temp: float = _f(0.04, "teacher temperature at step 0")
-    warmup_teacher_temp_epochs: int = _f(30, "epochs of linear teacher-temperature warm-up")
+    warmup_teacher_temp_epochs: int = _f(
+        30,
+        "epochs of teacher-temperature warm-up: linspace(warmup_teacher_temp, teacher_temp, N) "
+        "indexed by the epoch, constant within an epoch, as DINO's code",
+    )
+    teacher_temp_per_step: bool = _f(
+        False, "ramp the teacher temperature every step (reaching teacher_temp after N epochs)"
+    )
     student_temp: float = _f(0.1, "student temperature")
     center_momentum: float = _f(0.9, "EMA momentum of the teacher-output centre")
     momentum_teacher: float = _f(0.996, "teacher EMA momentum at step 0; cosine to 1.0")
@@ -339,7 +346,8 @@ class MethodConfig:
 
 @dataclass(kw_only=True)
 class OptimConfig:
-    """`optim`: AdamW with linear warm-up, then cosine decay of lr (and of weight decay)."""
+    """`optim`: AdamW with linear warm-up, then cosine decay of lr (and of weight decay), or
+    warm-up, constant and a cosine cool-down (`schedule: wsd`)."""
 
     lr: float = _f(5e-4, "peak learning rate per 256 images (scaled by global batch / 256)")
     min_lr: float = _f(1e-6, "final learning rate of the cosine (absolute, not scaled)")
@@ -347,7 +355,22 @@ class OptimConfig:
     weight_decay_end: float | None = _f(None, "weight decay at the end (cosine); null = constant")
     betas: tuple[float, float] = _f((0.9, 0.999), "AdamW betas")
     eps: float = _f(1e-8, "AdamW epsilon")
-    warmup_epochs: float = _f(10.0, "linear lr warm-up, in epochs (may be fractional)")
+    warmup_epochs: float = _f(
+        10.0,
+        "linear lr warm-up from 0, in epochs (may be fractional); DINO: linspace(0, peak, N) as "
+        "its code, MAE: peak x step / N as its code",
+    )
+    schedule: Literal["cosine", "wsd"] = _f(
+        "cosine",
+        "after the warm-up: cosine to min_lr over the rest of the run, or wsd: constant, then a "
+        "cosine cool-down to min_lr over the last optim.decay_fraction of the run (weight decay "
+        "and teacher momentum hold until it too)",
+    )
+    decay_fraction: float = _f(
+        0.2,
+        "wsd: fraction of the run's steps the cool-down takes; 0 = hold the peak to the end, to "
+        "anneal later by resuming with a longer train.epochs and a cool-down after that step",
+    )
     clip_grad: float = _f(0.0, "max global gradient norm; 0 = no clipping")
     layer_decay: float = _f(1.0, "layer-wise lr decay; 1 = off")
 
@@ -355,6 +378,7 @@ class OptimConfig:
         _check(self.lr > 0, f"optim.lr={self.lr} must be positive.")
         _at_least("optim", self, 0, "min_lr", "weight_decay", "weight_decay_end", "eps")
         _at_least("optim", self, 0, "warmup_epochs", "clip_grad")
+        _fraction("optim", self, "decay_fraction")
         _check(all(0 <= b < 1 for b in self.betas), f"optim.betas={self.betas} must lie in [0, 1).")
         _check(0 < self.layer_decay <= 1, "optim.layer_decay must lie in (0, 1].")
 
@@ -664,3 +688,11 @@ def _check_recipe(r: Recipe) -> None:
             r.optim.warmup_epochs <= r.train.epochs,
             f"optim.warmup_epochs={r.optim.warmup_epochs} exceeds train.epochs={r.train.epochs}.",
         )
+        if r.optim.schedule == "wsd":
+            cooldown = r.optim.decay_fraction * r.train.epochs
+            _check(
+                r.optim.warmup_epochs + cooldown <= r.train.epochs + 1e-9,  # 0.7 x 10 = 7.000...1
+                f"optim.warmup_epochs={r.optim.warmup_epochs} plus the wsd cool-down "
+                f"(optim.decay_fraction={r.optim.decay_fraction} x train.epochs={r.train.epochs}"
+                f" = {cooldown:g} epochs) exceed train.epochs; lower one of them.",
+            )

@@ -1,17 +1,30 @@
 """Per-step schedules as pure functions of the optimizer step.
 
-Learning rate (linear warm-up, then cosine to `min_lr`, scaled by global batch / 256), weight decay
-(cosine from start to end), DINO teacher momentum (cosine to 1) and teacher temperature (linear
-warm-up, then constant). Being functions of the step alone, they need no state in a checkpoint: a
-resumed run recomputes them from the step it resumes at.
+Learning rate (warm-up from 0, then cosine to `min_lr`, or with `optim.schedule: wsd` warm-up,
+constant, cosine cool-down; scaled by global batch / 256), weight decay (cosine from start to end),
+DINO teacher momentum (cosine to 1) and teacher temperature (linear warm-up, then constant). Being
+functions of the step alone (a run keeps its global batch across world sizes), they need no state
+in a checkpoint: a resumed run recomputes them from the step it resumes at.
+
+Each method's schedules are the ones its official code computes:
+
+- DINO (`utils.cosine_scheduler`): the warm-up is `numpy.linspace(0, peak, warmup)`, whose last
+  step already reaches the peak; the cosine runs over `numpy.arange(n) / n`; the teacher
+  temperature is `numpy.linspace(warmup_temp, temp, warmup_epochs)` indexed by the epoch, so it is
+  constant within an epoch (`method.dino.teacher_temp_per_step` moves it every step instead).
+- MAE (`util/lr_sched.adjust_learning_rate`, per iteration at a fractional epoch): the warm-up is
+  `peak x step / warmup`, one step short of the peak at its last step; the cosine is the same.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 from pipeline.config import DinoConfig, OptimConfig
+
+Warmup = Literal["linspace", "linear"]
 
 
 def cosine(progress: float, start: float, end: float) -> float:
@@ -20,16 +33,53 @@ def cosine(progress: float, start: float, end: float) -> float:
     return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def linspace_at(i: int, n: int, start: float, end: float) -> float:
+    """`numpy.linspace(start, end, n)[i]`, computed as numpy does (both ends included; a
+    one-point linspace is `[start]`)."""
+    if n <= 1:
+        return start
+    if i >= n - 1:
+        return end  # numpy sets the last point to `end` exactly
+    return i * ((end - start) / (n - 1)) + start
+
+
 def scaled_lr(base_lr: float, global_batch: int) -> float:
     """The linear scaling rule of MAE/DINO: lr = base_lr x global batch / 256."""
     return base_lr * global_batch / 256
 
 
-def learning_rate(step: int, *, peak: float, min_lr: float, warmup: int, total: int) -> float:
-    """Linear warm-up from 0 to `peak` over `warmup` steps, then cosine to `min_lr` at `total`."""
+def warmup_value(step: int, warmup: int, peak: float, style: Warmup) -> float:
+    """Value at `step` < `warmup` of a warm-up from 0: DINO's linspace (peak at step warmup - 1)
+    or MAE's linear ramp (peak x step / warmup)."""
+    return linspace_at(step, warmup, 0.0, peak) if style == "linspace" else peak * step / warmup
+
+
+def learning_rate(
+    step: int, *, peak: float, min_lr: float, warmup: int, total: int, style: Warmup = "linear"
+) -> float:
+    """Warm-up from 0 to `peak` over `warmup` steps, then cosine to `min_lr` at `total`."""
     if step < warmup:
-        return peak * step / warmup
+        return warmup_value(step, warmup, peak, style)
     return cosine((step - warmup) / max(total - warmup, 1), peak, min_lr)
+
+
+def wsd_learning_rate(
+    step: int, *, peak: float, min_lr: float, warmup: int, decay: int, total: int,
+    style: Warmup = "linear",
+) -> float:  # fmt: skip
+    """Warm-up, then constant at `peak`, then cosine to `min_lr` over the last `decay` steps
+    (nothing before the cool-down depends on `total`: a run can be extended, then annealed)."""
+    if step < warmup:
+        return warmup_value(step, warmup, peak, style)
+    return cooldown(step, peak, min_lr, decay=decay, total=total)
+
+
+def cooldown(step: int, start: float, end: float, *, decay: int, total: int) -> float:
+    """`start` until the last `decay` steps of `total`, then cosine to `end` over them."""
+    begin = total - decay
+    if step <= begin or decay <= 0:
+        return start  # held exactly (the cosine's rounding would differ at the last bit)
+    return cosine((step - begin) / decay, start, end)
 
 
 def rewarm_factor(step: int, start: int, length: int) -> float:
@@ -40,12 +90,16 @@ def rewarm_factor(step: int, start: int, length: int) -> float:
 
 
 def teacher_temperature(
-    epoch: float, *, warmup_temp: float, temp: float, warmup_epochs: float
+    epoch: float, *, warmup_temp: float, temp: float, warmup_epochs: int, per_step: bool = False
 ) -> float:
-    """Linear from `warmup_temp` to `temp` over `warmup_epochs`, then constant (DINO)."""
+    """DINO's teacher temperature at (fractional) `epoch`: `linspace(warmup_temp, temp,
+    warmup_epochs)` at the whole epoch, then `temp`; `per_step` ramps linearly in the fractional
+    epoch instead, reaching `temp` at `warmup_epochs`."""
     if epoch >= warmup_epochs:
         return temp
-    return warmup_temp + (temp - warmup_temp) * epoch / warmup_epochs
+    if per_step:
+        return warmup_temp + (temp - warmup_temp) * epoch / warmup_epochs
+    return linspace_at(math.floor(epoch), warmup_epochs, warmup_temp, temp)
 
 
 @dataclass(frozen=True)
@@ -67,6 +121,18 @@ class Schedules:
         return round(self.optim.warmup_epochs * self.steps_per_epoch)
 
     @property
+    def warmup_style(self) -> Warmup:
+        """The official warm-up of the run's method: DINO's linspace, MAE's linear ramp."""
+        return "linspace" if self.dino is not None else "linear"
+
+    @property
+    def decay_steps(self) -> int:
+        """`wsd`: length of the cool-down, `optim.decay_fraction` of the run, never reaching into
+        the warm-up (a `train.steps` run's epochs are only known here)."""
+        decay = round(self.optim.decay_fraction * self.total_steps)
+        return min(decay, max(self.total_steps - self.warmup_steps, 0))
+
+    @property
     def rewarm_steps(self) -> int:
         """Length of the learning-rate re-warm-up after a resume with fresh AdamW moments: the
         recipe's warm-up, or 1% of the run where it has none."""
@@ -76,28 +142,37 @@ class Schedules:
         """Fractional epoch at `step`."""
         return step / self.steps_per_epoch
 
+    def _decay(self, step: int, start: float, end: float) -> float:
+        """A value with no warm-up: cosine over the run, or (wsd) held, then the cool-down."""
+        if self.optim.schedule == "wsd":
+            return cooldown(step, start, end, decay=self.decay_steps, total=self.total_steps)
+        return cosine(step / max(self.total_steps, 1), start, end)
+
+    def lr(self, step: int) -> float:
+        """The learning rate at `step` (before any re-warm-up after a resume)."""
+        o = self.optim
+        if o.schedule == "wsd":
+            return wsd_learning_rate(step, peak=self.peak_lr, min_lr=o.min_lr,
+                                     warmup=self.warmup_steps, decay=self.decay_steps,
+                                     total=self.total_steps, style=self.warmup_style)  # fmt: skip
+        return learning_rate(step, peak=self.peak_lr, min_lr=o.min_lr, warmup=self.warmup_steps,
+                             total=self.total_steps, style=self.warmup_style)  # fmt: skip
+
     def at(self, step: int) -> dict[str, float]:
         """lr, weight decay and (for DINO) teacher momentum and temperature at `step`."""
-        progress = step / max(self.total_steps, 1)
-        wd_end = self.optim.weight_decay_end
+        wd, wd_end = self.optim.weight_decay, self.optim.weight_decay_end
         values = {
-            "lr": learning_rate(
-                step,
-                peak=self.peak_lr,
-                min_lr=self.optim.min_lr,
-                warmup=self.warmup_steps,
-                total=self.total_steps,
-            ),
-            "wd": self.optim.weight_decay
-            if wd_end is None
-            else cosine(progress, self.optim.weight_decay, wd_end),
+            "lr": self.lr(step),
+            "wd": wd if wd_end is None else self._decay(step, wd, wd_end),
         }
         if self.dino is not None:
-            values["momentum"] = cosine(progress, self.dino.momentum_teacher, 1.0)
+            values["momentum"] = self._decay(step, self.dino.momentum_teacher, 1.0)
+            per_step = self.dino.teacher_temp_per_step
             values["teacher_temp"] = teacher_temperature(
-                self.epoch(step),
+                self.epoch(step) if per_step else step // self.steps_per_epoch,
                 warmup_temp=self.dino.warmup_teacher_temp,
                 temp=self.dino.teacher_temp,
                 warmup_epochs=self.dino.warmup_teacher_temp_epochs,
+                per_step=per_step,
             )
         return values

@@ -95,6 +95,38 @@ def test_dino_zero2_trains_with_teacher_and_monitors(shards, tmp_path):
         assert "kl_to_uniform" in m and "momentum" in m
 
 
+def test_dino_three_epoch_run_applies_the_official_schedules(shards, tmp_path):
+    """The lr, weight decay, teacher momentum and temperature the loop applied at every step of
+    a 3-epoch run equal the arrays facebookresearch/dino builds (linspace warm-ups, cosine, the
+    temperature per epoch) to 1e-12."""
+    from tests.unit.test_schedules import official_cosine_scheduler, official_teacher_temp
+
+    run_dir = tmp_path / "run"
+    overrides = [
+        f"data.train.shards={shards}", "data.workers=0", "deepspeed.zero_stage=2",
+        "train.steps=null", "train.epochs=3", "train.batch_size=8", "checkpoint.every_steps=100",
+        "optim.warmup_epochs=1", "method.dino.warmup_teacher_temp_epochs=2",
+    ]  # fmt: skip
+    run_ranks(2, RECIPES / "dino_tiny.yaml", overrides, run_dir)
+    metrics = read_metrics(run_dir)
+    per_epoch = 4  # 64 samples, 2 ranks x 8
+    assert [m["step"] for m in metrics] == list(range(1, 3 * per_epoch + 1))
+    recipe = load_recipe(RECIPES / "dino_tiny.yaml", overrides)
+    o, d = recipe.optim, recipe.method.dino
+    peak = o.lr * 16 / 256
+    want = {
+        "lr": official_cosine_scheduler(peak, o.min_lr, 3, per_epoch, warmup_epochs=1),
+        "wd": official_cosine_scheduler(o.weight_decay, o.weight_decay_end, 3, per_epoch),
+        "momentum": official_cosine_scheduler(d.momentum_teacher, 1, 3, per_epoch),
+        "teacher_temp": np.repeat(
+            official_teacher_temp(d.warmup_teacher_temp, d.teacher_temp, 2, 3), per_epoch
+        ),
+    }
+    for key, values in want.items():
+        got = [m[key] for m in metrics]  # the values applied at the step each line ends
+        np.testing.assert_allclose(got, values, rtol=0, atol=1e-12, err_msg=key)
+
+
 @pytest.mark.slow
 def test_mae_zero3_trains(shards, tmp_path):
     run_dir = tmp_path / "run"

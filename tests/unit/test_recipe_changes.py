@@ -31,6 +31,7 @@ def recipe():
         "model.grad_checkpointing=true",
         "train.batch_size=4",  # the launcher and the trainer keep the global batch
         "train.grad_accum=2",
+        "optim.decay_fraction=0.5",  # a wsd run extended, then annealed
     ],
 )
 def test_resumable_changes_are_accepted(recipe, override):
@@ -45,6 +46,7 @@ def test_resumable_changes_are_accepted(recipe, override):
         ("method.name=mae", "method.name"),
         ("data.train.shards=/data/b", "data.train.shards"),
         ("optim.lr=0.1", "optim.lr"),
+        ("optim.schedule=wsd", "optim.schedule"),
         ("train.precision=fp16", "train.precision"),
         ("run.seed=3", "run.seed"),
     ],
