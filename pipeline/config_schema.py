@@ -372,7 +372,9 @@ class OptimConfig:
         "anneal later by resuming with a longer train.epochs and a cool-down after that step",
     )
     clip_grad: float = _f(0.0, "max global gradient norm; 0 = no clipping")
-    layer_decay: float = _f(1.0, "layer-wise lr decay; 1 = off")
+    layer_decay: float = _f(
+        1.0, "not used in pretraining, only 1 is accepted (fine-tuning: eval.finetune.layer_decay)"
+    )
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, f"optim.lr={self.lr} must be positive.")
@@ -380,7 +382,12 @@ class OptimConfig:
         _at_least("optim", self, 0, "warmup_epochs", "clip_grad")
         _fraction("optim", self, "decay_fraction")
         _check(all(0 <= b < 1 for b in self.betas), f"optim.betas={self.betas} must lie in [0, 1).")
-        _check(0 < self.layer_decay <= 1, "optim.layer_decay must lie in (0, 1].")
+        # Layer-wise lr decay is a fine-tuning setting; pretraining never read it.
+        _check(
+            self.layer_decay == 1.0,
+            f"optim.layer_decay={self.layer_decay} does not apply to pretraining (no layer-wise "
+            "lr decay there): remove it; for fine-tuning set eval.finetune.layer_decay.",
+        )
 
 
 @dataclass(kw_only=True)
@@ -667,6 +674,12 @@ def _check_recipe(r: Recipe) -> None:
             r.data.buckets.max_side % stride == 0,
             f"data.buckets.max_side={r.data.buckets.max_side} is not divisible by the input "
             f"stride {stride} of {backbone}.",
+        )
+        unit = r.method.mae.mask_patch_size
+        _check(
+            r.method.name != "mae" or unit in (None, stride),
+            f"method.mae.mask_patch_size={unit} with data.buckets.navit=true: packed images mask "
+            f"single patches ({stride} px for {backbone}); remove the key.",
         )
     if r.train.precision != "fp32" and r.train.grad_accum > 1:
         # Without ZeRO, DeepSpeed accumulates bf16/fp16 gradients in their own precision.

@@ -266,6 +266,11 @@ def test_wrong_type_names_key_value_type_and_file(tmp_path, extra, expected):
             "data.buckets.navit=true packs ViT token sequences; model.backbone=swin_tiny",
         ),
         (["data.buckets.navit=true", "data.buckets.max_side=500"], "data.buckets.max_side=500"),
+        (
+            ["method.name=mae", "data.buckets.navit=true", "method.mae.mask_patch_size=32"],
+            "method.mae.mask_patch_size=32 with data.buckets.navit=true",
+        ),
+        (["optim.layer_decay=0.75"], "optim.layer_decay=0.75 does not apply to pretraining"),
     ],
 )
 def test_cross_field_rules_name_the_keys(tmp_path, overrides, expected):
