@@ -51,9 +51,6 @@ RUN_STATE_NAME = "run.json"  # args + plan fingerprint, written before the first
 MANIFEST_VERSION = 1
 # Bumped whenever the bytes written for the same inputs change; part of the plan fingerprint.
 FORMAT_VERSION = 1
-# Test hook: after this many shards have been renamed in a run, the writer leaves the next shard
-# half-written under its temporary name and exits, as a killed run would.
-FAIL_AFTER_ENV = "PIPELINE_SHARDS_FAIL_AFTER"
 
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
@@ -513,7 +510,6 @@ def _write_shard(
     index: int,
     shard: list[_Sample],
     images: Iterable[bytes],
-    crash_midway: bool = False,
 ) -> ShardInfo:
     """Write one shard under a temporary name, then its sidecar, then rename it into place."""
     import webdataset
@@ -526,12 +522,9 @@ def _write_shard(
         writer = webdataset.TarWriter(
             hashing, user=_TAR_OWNER, group=_TAR_OWNER, mtime=_TAR_MTIME, encoder=False
         )
-        for position, (sample, image) in enumerate(zip(shard, images, strict=True)):
+        for sample, image in zip(shard, images, strict=True):
             if sample.size is not None and len(image) != sample.size:
                 raise RuntimeError(f"{sample.file} changed while shards were being written")
-            if crash_midway and position == len(shard) // 2:
-                hashing.flush()
-                raise SystemExit(f"{FAIL_AFTER_ENV}: simulated crash while writing {tmp}")
             # TarWriter.write sorts a sample's members by extension; one call per member keeps
             # the documented order (image, cls, json) under the same key.
             writer.write({"__key__": sample.key, sample.ext: image})
@@ -758,17 +751,14 @@ def write_shards(
         if reused:
             _log(progress, f"{out}: keeping {reused} complete shards of {len(plan)}")
 
-        fail_after = int(os.environ.get(FAIL_AFTER_ENV, "-1"))
         bar = _Progress(
             "write", sum(len(s) for i, s in enumerate(plan) if i not in infos), progress
         )
-        done_now = 0
         for index, shard in enumerate(plan):
             if index in infos:
                 continue
             images = _counted(_shard_images(shard, max_side, imap), bar)
-            infos[index] = _write_shard(out, index, shard, images, done_now == fail_after)
-            done_now += 1
+            infos[index] = _write_shard(out, index, shard, images)
         bar.close()
 
     shards = [infos[i] for i in range(len(plan))]

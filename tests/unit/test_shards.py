@@ -8,9 +8,11 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,6 @@ import pytest
 from PIL import Image
 
 from pipeline.data.shards import (
-    FAIL_AFTER_ENV,
     ShardsError,
     load_manifest,
     read_source,
@@ -160,12 +161,47 @@ def test_verify_names_a_tampered_shard(written: Path, tmp_path: Path, capsys) ->
     assert "no shard manifest" in verify_shards(tmp_path / "nowhere")[0]
 
 
+# make_shards with the writer held half-way through its third shard (after touching a marker
+# file), so the test can kill it there for real.
+_HELD_AT_THIRD_SHARD = """
+import sys, time
+from pathlib import Path
+import pipeline.data.shards as shards
+from tools.make_shards import main
+
+write = shards._write_shard
+
+def held(out, index, shard, images):
+    def images_then_hold():
+        for i, image in enumerate(images):
+            if index == 2 and i == len(shard) // 2:
+                Path(sys.argv[1]).touch()
+                time.sleep(600)
+            yield image
+    return write(out, index, shard, images_then_hold())
+
+shards._write_shard = held
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 def test_interrupted_run_resumes_byte_identical(tree: Path, written: Path, tmp_path: Path) -> None:
     out = tmp_path / "resumed"
-    cmd = [sys.executable, "tools/make_shards.py", str(tree), str(out), "--shard-size", "5"]
-    env = {**os.environ, FAIL_AFTER_ENV: "2", "PYTHONPATH": str(REPO)}
-    crashed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
-    assert crashed.returncode != 0, crashed.stderr
+    marker = tmp_path / "third-shard-half-written"
+    cmd = [sys.executable, "-c", _HELD_AT_THIRD_SHARD, str(marker), str(tree), str(out),
+           "--shard-size", "5"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "make_shards never reached its third shard"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)  # a real kill, mid-shard
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
     assert sorted(p.name for p in out.glob("shard-*.tar")) == [
         "shard-000000.tar",
         "shard-000001.tar",
