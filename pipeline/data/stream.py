@@ -582,6 +582,10 @@ class ShardLoader:
                 persistent_workers=False,
                 prefetch_factor=2 if self.workers else None,
                 pin_memory=self.pin_memory,
+                # Workers seed what they draw themselves; their base seed comes from a generator
+                # of their own, not the global one (whose state a checkpoint saves: starting an
+                # epoch must not move it, or a resumed run's drop path would differ).
+                generator=torch.Generator().manual_seed(self.seed),
             )
         )
 

@@ -19,11 +19,9 @@ Accelerate and an existing process group (checked in accelerate 1.15): `PartialS
 group that is already initialised (the stage runner's, after DeepSpeed pretraining) instead of
 creating one, and takes rank and world size from it. On a CPU-only machine it treats the process
 as multi-process only with `cpu=True`; without it a 2-rank gloo group is seen as one process and
-nothing is gathered. With the DeepSpeed plugin on CPU the backend must be named (gloo), or it is
-again one process. Its state is a process-wide singleton fixed by the first `Accelerator`, so
-each stage resets it (a fine-tune with the DeepSpeed plugin may follow a k-NN stage without it).
-The plugin itself needs transformers installed in accelerate 1.15 unless `_deepspeed_plugin`'s
-subclass skips that registration.
+nothing is gathered. Its state is a process-wide singleton fixed by the first `Accelerator`, so
+each stage resets it. (Fine-tuning trains on the pretraining trainer's DeepSpeed engine, not
+through accelerate.)
 
 Not here: classifiers (knn.py, linear.py), training (finetune.py), augmentation. The gathered
 features are held in full on every rank (CPU memory): ImageNet with a ViT-B and 4 class tokens is
@@ -37,7 +35,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -51,7 +48,6 @@ from pipeline.data.device_crops import device_views, to_device
 from pipeline.data.loader import build_eval_loader, crops_on_device
 from pipeline.data.transforms import normalize
 from pipeline.fileio import atomic_file, write_atomic
-from pipeline.train.distributed import env_from_environ, init_distributed
 
 log = logging.getLogger(__name__)
 
@@ -63,49 +59,15 @@ CACHE_VERSION = 1
 # accelerate
 
 
-def make_accelerator(
-    *, deepspeed_config: dict[str, Any] | None = None, mixed_precision: str = "no"
-) -> Any:
-    """A fresh `Accelerator` on this process's rank (joining any existing process group).
-
-    With `deepspeed_config`, accelerate's DeepSpeed plugin runs that config (ZeRO); on CPU its
-    group backend is gloo.
-    """
+def make_accelerator() -> Any:
+    """A fresh `Accelerator` on this process's rank (joining any existing process group)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import InitProcessGroupKwargs
 
-    # One stage's settings must not leak into the next: accelerate keeps them in singletons and
-    # in ACCELERATE_USE_DEEPSPEED, which an Accelerator with a plugin sets and never clears.
+    # One stage's settings must not leak into the next: accelerate keeps them in singletons.
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
-    cuda = torch.cuda.is_available()
-    if deepspeed_config is None:
-        return Accelerator(cpu=not cuda, mixed_precision=mixed_precision if cuda else "no")
-    # DeepSpeed needs a process group even for one process (as the pretraining engine makes).
-    init_distributed(env_from_environ())
-    handlers = [] if cuda else [InitProcessGroupKwargs(backend="gloo")]
-    return Accelerator(
-        deepspeed_plugin=_deepspeed_plugin(deepspeed_config), kwargs_handlers=handlers
-    )
-
-
-def _deepspeed_plugin(config: dict[str, Any]) -> Any:
-    from accelerate import DeepSpeedPlugin
-
-    class Plugin(DeepSpeedPlugin):
-        """accelerate 1.15 registers every DeepSpeed config with transformers (for its ZeRO-3
-        model init) and fails when transformers is not installed; we build our models
-        ourselves and need none of it."""
-
-        def set_deepspeed_weakref(self) -> None:
-            with contextlib.suppress(ImportError):
-                import transformers  # noqa: F401
-
-                super().set_deepspeed_weakref()
-
-    return Plugin(hf_ds_config=config)
+    return Accelerator(cpu=not torch.cuda.is_available())
 
 
 # ---------------------------------------------------------------------------------------------

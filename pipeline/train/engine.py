@@ -1,12 +1,13 @@
-"""Pretraining under DeepSpeed: one `Trainer`, one loop, any objective.
+"""Training under DeepSpeed: one `Trainer`, one loop, any objective (MAE, DINO, fine-tuning).
 
 `Trainer(recipe, env, run_dir)` builds everything from the recipe (the objective and its modules,
 the DeepSpeed engine, the loader, the schedules, the checkpoint manager, the stop handling) and
 `fit()` runs the loop, which reads top to bottom: for each step: schedules -> data -> the
-objective's device-side augmentation -> its loss -> backward/step -> its after-step work (DINO:
-teacher EMA and centre) -> log -> checkpoint -> stop. What differs between MAE and DINO lives in
-`pipeline.train.objectives`; the loop has no method branches. `train_step` runs one micro-step
-and is public for benchmarks and tests; `pretrain` is `Trainer(...).fit()`.
+objective's inputs (device-side augmentation) -> its loss -> backward/step -> its after-step work
+(DINO: teacher EMA and centre) -> log -> (epoch end: its figures) -> checkpoint -> stop. What
+differs between objectives lives in `pipeline.train.objectives`; the loop has no method branches.
+`train_step` runs one micro-step and is public for benchmarks and tests; `pretrain` is
+`Trainer(...).fit()`; the fine-tune stage passes its own objective and run directory.
 
 Precision, ZeRO stage, accumulation and clipping come from the recipe; parameter groups are made
 by NAME (never by `ndim`, which ZeRO-3 hides), and their table is printed at start-up. Figures go
@@ -28,7 +29,6 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.config import Recipe, recipe_hash, save_recipe
-from pipeline.data.device_crops import to_device
 from pipeline.data.loader import build_train_loader
 from pipeline.models import compile_blocks
 from pipeline.train.checkpoint import CheckpointError, CheckpointManager, rng_state, set_rng_state
@@ -78,7 +78,8 @@ def param_group_table(groups: list[dict[str, Any]], names_file: Path | None = No
     for g in groups:
         n = sum(getattr(p, "ds_numel", p.numel()) for p in g["params"])
         wd = "schedule" if g["apply_wd"] else "0"
-        lr = "x1, 0 while frozen" if "last_layer" in g["group_name"] else "x1"
+        lr = f"x{g.get('lr_scale', 1.0):.3g}"
+        lr += ", 0 while frozen" if "last_layer" in g["group_name"] else ""
         lines.append(f"{g['group_name']:<22}{len(g['params']):>8}{n:>14,}  {wd:<14}{lr}")
         if not g["apply_wd"]:
             for name in g["names"]:
@@ -148,9 +149,8 @@ def train_step(engine: Any, batch: dict, values: dict[str, float], ctx: StepCont
     The objective's after-step work (DINO: teacher EMA, centre) runs at optimizer-step
     boundaries only.
     """
-    views = to_device(batch["views"], ctx.device)  # uint8 views, or a CropBatch to cut there
-    views = [v.to(ctx.dtype) for v in ctx.objective.augment(views, ctx.generator)]
-    out = ctx.objective.loss(engine, views, values, ctx.generator)
+    inputs = ctx.objective.prepare(batch, ctx.device, ctx.dtype, ctx.generator)
+    out = ctx.objective.loss(engine, inputs, values, ctx.generator)
     loss = out["loss"]
     if not every_rank(bool(torch.isfinite(loss))):
         if ctx.nan_policy == "stop":
@@ -175,23 +175,29 @@ def train_step(engine: Any, batch: dict, values: dict[str, float], ctx: StepCont
 
 def _set_schedules(optimizer: Any, values: dict[str, float], scale: Any, epoch: float) -> None:
     for g in optimizer.param_groups:
-        g["lr"] = values["lr"] * scale(g["group_name"], epoch)
+        g["lr"] = values["lr"] * g.get("lr_scale", 1.0) * scale(g["group_name"], epoch)
         g["weight_decay"] = values["wd"] if g["apply_wd"] else 0.0
 
 
 class Trainer:
-    """Pretraining (or its resumption) of `recipe` in `run_dir` on this rank; see the module
+    """Training (or its resumption) of `recipe` in `run_dir` on this rank; see the module
     docstring. Building is collective (DeepSpeed, the resume tag); so is `fit`."""
 
     def __init__(
-        self, recipe: Recipe, env: DistEnv, run_dir: Path, *, progress: bool = True
+        self,
+        recipe: Recipe,
+        env: DistEnv,
+        run_dir: Path,
+        *,
+        objective: Objective | None = None,
+        progress: bool = True,
     ) -> None:
         import deepspeed
 
         self.recipe, self.env, self.run_dir, self.progress = recipe, env, run_dir, progress
         init_distributed(env)
         torch.manual_seed(recipe.run.seed)  # identical initial weights on every rank
-        self.objective = objective = build_objective(recipe)
+        self.objective = objective = objective or build_objective(recipe)
         self.ckpt = CheckpointManager(
             run_dir / "checkpoints",
             rank=env.rank,
@@ -230,10 +236,10 @@ class Trainer:
         )
         objective.attach(self.engine, ds_config, env.device)
 
-        backbone = self.engine.module.backbone
+        backbone = objective.backbone
         self.loader = build_train_loader(
             recipe.data,
-            method=recipe.method.name,
+            method=objective.crops,
             stride=backbone.patch_size,
             batch_size=recipe.train.batch_size,
             rank=env.rank,
@@ -242,7 +248,7 @@ class Trainer:
             num_prefix_tokens=getattr(backbone, "num_prefix_tokens", 0),
             agree=every_rank if env.world_size > 1 else None,
         )
-        steps_per_epoch = max(len(self.loader) // recipe.train.grad_accum, 1)
+        self.steps_per_epoch = steps_per_epoch = max(len(self.loader) // recipe.train.grad_accum, 1)
         self.total = recipe.train.steps or recipe.train.epochs * steps_per_epoch
         self.global_batch = recipe.train.batch_size * recipe.train.grad_accum * env.world_size
         self.sched = Schedules(recipe.optim, objective.schedule_config, steps_per_epoch,
@@ -287,7 +293,11 @@ class Trainer:
             progress=self.progress,
         )
         samples = SampleLog(
-            self.run_dir, env.rank, enabled=recipe.log.sample_ids, start_step=self.step
+            self.run_dir,
+            env.rank,
+            enabled=recipe.log.sample_ids,
+            start_step=self.step,
+            world_size=env.world_size,
         )
         stop = StopFlag()
         stopped = None
@@ -329,6 +339,11 @@ class Trainer:
                         **{k: values[k] for k in objective.logged_values},
                     }
                 writer.step(step, record)
+                if step % self.steps_per_epoch == 0:
+                    scores = objective.at_epoch_end(self.engine)
+                    if scores:  # logged with the step, before the epoch's checkpoint
+                        epoch = step // self.steps_per_epoch
+                        writer.step(step, {"step": step, "epoch": epoch, **scores})
                 samples.write(step, ids)
                 last = now
                 if step < self.total and stop.agreed(env.world_size):

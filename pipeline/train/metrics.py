@@ -72,12 +72,18 @@ class SampleLog:
     an epoch saw every sample once across ranks, resumes and world-size changes.
     """
 
-    def __init__(self, run_dir: Path, rank: int, *, enabled: bool, start_step: int) -> None:
+    def __init__(
+        self, run_dir: Path, rank: int, *, enabled: bool, start_step: int, world_size: int = 1
+    ) -> None:
         self.file = None
         if enabled:
             path = run_dir / f"samples-rank{rank:05d}.jsonl"
             run_dir.mkdir(parents=True, exist_ok=True)
             truncate_metrics(path, start_step)
+            if rank == 0:  # ranks of a larger earlier world logged steps this run trains again
+                for other in run_dir.glob("samples-rank*.jsonl"):
+                    if int(other.stem.removeprefix("samples-rank")) >= world_size:
+                        truncate_metrics(other, start_step)
             self.file = path.open("a")
 
     def write(self, step: int, ids: list[int]) -> None:

@@ -206,3 +206,84 @@ def test_two_ranks_to_one_continues_the_epoch(shards, tmp_path):
     want = [m["loss"] for m in metrics(reference)]
     # (Steps 1-6 ran under a 6-step schedule; from step 7 on both follow the 12-step one.)
     assert abs(np.mean(got[6:]) - np.mean(want[6:])) < 0.1 * np.mean(want[6:])
+
+
+def finetune_run(tmp: Path, name: str, shards: str) -> Path:
+    """A 2-step MAE pretraining, then a 3-epoch fine-tune (4 steps an epoch on 2 ranks of 8)
+    with checkpoints every 3 steps."""
+    return make_run(
+        tmp, name, shards,
+        ["stages=[pretrain,finetune]", "train.steps=2", "deepspeed.zero_stage=2",
+         f"data.val.shards={shards}", "eval.finetune.epochs=3", "eval.finetune.batch_size=8",
+         "eval.finetune.warmup_epochs=0.5", "eval.finetune.lr=0.05",
+         "eval.finetune.layer_decay=0.75", "checkpoint.every_steps=3"],
+        recipe="mae_tiny",
+    )  # fmt: skip
+
+
+def kill_before_commit(run_dir: Path, tag: str, tmp: Path) -> None:
+    """Start the run on 2 ranks and SIGKILL the job while rank 0 is about to commit `tag`."""
+    marker = tmp / f"{run_dir.name}-parked"
+    hook = {
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(HANG_HOOK), os.environ.get("PYTHONPATH")])),
+        "HANG_BEFORE_COMMIT": tag,
+        "HANG_MARKER": str(marker),
+    }
+    proc = start(run_dir, 2, hook)
+    wait_for(lambda: marker.exists() or proc.poll() is not None, f"rank 0 to reach {tag}")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert marker.exists(), f"the job ended before committing {tag}: " + _log_tail(run_dir)
+
+
+def epochs_seen(run_dir: Path, steps_per_epoch: int) -> list[list[int]]:
+    ids = sample_ids(run_dir)
+    last = max(ids)
+    return [
+        sorted(i for s in range(e * steps_per_epoch + 1, (e + 1) * steps_per_epoch + 1)
+               for i in ids[s])
+        for e in range(last // steps_per_epoch)
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_finetune_killed_mid_way_resumes_exactly(shards, tmp_path):
+    """The fine-tune runs on the pretraining trainer: SIGKILLed while committing step 9, it
+    resumes from step 6 and logs the uninterrupted run's losses and scores at every step."""
+    reference = finetune_run(tmp_path, "reference", shards)
+    run(reference)
+    killed = finetune_run(tmp_path, "killed", shards)
+    kill_before_commit(killed, "step-00000009", tmp_path)
+    tuned = killed / "finetune"
+    assert committed(tuned) == "step-00000006"
+    run(killed)
+    got, want = metrics(tuned), metrics(reference / "finetune")
+    assert [m["step"] for m in got if "loss" in m] == list(range(1, 13))
+    assert [m["step"] for m in got if "val_top1" in m] == [4, 8, 12]
+    timing = ("images_per_s", "data_time", "mem_gb")
+    assert [{k: v for k, v in m.items() if k not in timing} for m in got] == [
+        {k: v for k, v in m.items() if k not in timing} for m in want
+    ]
+    assert sample_ids(tuned) == sample_ids(reference / "finetune")
+    assert (
+        json.loads((killed / "results.json").read_text())["finetune"]
+        == json.loads((reference / "results.json").read_text())["finetune"]
+    )
+
+
+@pytest.mark.slow
+def test_finetune_killed_on_two_ranks_resumes_on_one(shards, tmp_path):
+    """Resumed by 1 rank, the fine-tune keeps its global batch (2 micro-batches a step), trains
+    each sample of every epoch once and finishes its 3 epochs."""
+    run_dir = finetune_run(tmp_path, "to1", shards)
+    kill_before_commit(run_dir, "step-00000009", tmp_path)
+    recipe = load_recipe(run_dir / "config.yaml", ["stages=[finetune]"])
+    save_recipe(recipe, run_dir / "config.yaml")
+    run(run_dir, nproc=1)
+    tuned = run_dir / "finetune"
+    got = metrics(tuned)
+    assert [m["step"] for m in got if "loss" in m] == list(range(1, 13))
+    assert [m["step"] for m in got if "val_top1" in m] == [4, 8, 12]
+    assert all(np.isfinite(m["loss"]) for m in got if "loss" in m)
+    assert epochs_seen(tuned, 4) == [list(range(64))] * 3
+    assert committed(tuned) == "step-00000012"
