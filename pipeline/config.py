@@ -387,7 +387,19 @@ def _set_overrides(data: dict, overrides: Sequence[str], sources: Sources) -> di
 
 
 def _build(data: dict, sources: Sources) -> Recipe:
-    return _convert(data, Recipe, (), sources)
+    return _convert(_migrate(data), Recipe, (), sources)
+
+
+def _migrate(data: dict) -> dict:
+    """Keys of older run directories' config.yaml, in today's terms: `eval.random_baseline`
+    (false dropped random_init from what is now `eval.baselines`)."""
+    ev = data.get("eval")
+    if isinstance(ev, dict) and "random_baseline" in ev:
+        keep = ev.pop("random_baseline")
+        baselines = ev.get("baselines", ["random_init", "pixels"])
+        others = [b for b in baselines if b != "random_init"]
+        ev["baselines"] = ["random_init", *others] if keep else others
+    return data
 
 
 # ---------------------------------------------------------------------------------------------

@@ -561,9 +561,6 @@ class EvalConfig:
         "also probe these (k-NN, logreg, linear): the backbone at random initialisation, and the "
         "evaluation crop's pixels (downsampled to <= 4096 values)",
     )
-    random_baseline: bool | None = _f(
-        None, "older run directories' key: false drops random_init from eval.baselines"
-    )
     knn: KnnConfig = _f(KnnConfig, "k-NN")
     logreg: LogregConfig = _f(LogregConfig, "logistic regression")
     linear: LinearConfig = _f(LinearConfig, "linear probe")
@@ -571,10 +568,6 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _at_least("eval", self, 1, "batch_size")
-        if self.random_baseline is not None:  # a config.yaml written before eval.baselines
-            others = [b for b in self.baselines if b != "random_init"]
-            self.baselines = ["random_init", *others] if self.random_baseline else others
-            self.random_baseline = None
 
 
 @dataclass(kw_only=True)

@@ -78,9 +78,6 @@ def build_recipe(args: argparse.Namespace, config: dict[str, Any], base: Path | 
     if "linear" in protocols or "fewshot" in protocols:
         stages.append("linear")
     ev = data.setdefault("eval", {})
-    older = ev.pop("random_baseline", None)  # a config.yaml from before eval.baselines
-    if older is not None and "baselines" not in ev:
-        ev["baselines"] = ["random_init", "pixels"] if older else ["pixels"]
     linear = ev.setdefault("linear", {})
     if "fewshot" in protocols:
         linear["few_shot"] = linear.get("few_shot") or [DEFAULT_SHOTS]
