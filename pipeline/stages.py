@@ -31,7 +31,13 @@ from pipeline.fileio import write_atomic
 from pipeline.launch.local import die_with_agent
 from pipeline.launch.slurm import adopt_srun_task, requeue_if_timed_out, slurm_job_id
 from pipeline.models import build_backbone
-from pipeline.train.distributed import DistEnv, env_from_environ, finish_and_exit, init_distributed
+from pipeline.train.distributed import (
+    DistEnv,
+    env_from_environ,
+    finish_and_exit,
+    init_distributed,
+    quiet_third_party,
+)
 from pipeline.train.preemption import REQUEUE_EXIT_CODE, hold_stop_signals
 
 log = logging.getLogger("pipeline.stages")
@@ -76,6 +82,7 @@ def run_task(
     no teardown, which can hang with a dead peer): `srun --kill-on-bad-exit` or torch's elastic
     agent then ends the other ranks instead of leaving them in a collective until its timeout.
     """
+    quiet_third_party()
     try:
         code = run_stages(recipe, env, run_dir, stages)
     except Exception:

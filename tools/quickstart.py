@@ -30,22 +30,17 @@ from pipeline.config import load_recipe  # noqa: E402
 from pipeline.data.digits import write_digits_shards  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "quickstart.yaml"
-# Third-party warnings nobody running the quickstart can act on, printed by every rank: torch's
-# deprecation of the collective DeepSpeed calls, accelerate's note that it sets OMP_NUM_THREADS
-# (we set it: one thread per process is what 2 processes on 2 cores want anyway), DeepSpeed's
-# note that it picked its CPU accelerator (named explicitly, as its docs advise).
-QUIET_WARNINGS = "ignore:`torch.distributed.all_gather_into_tensor` is deprecated::"
 
 
 def quiet_environ() -> dict[str, str]:
-    """This process's environment with the filters above, for the launched ranks (set once)."""
-    import torch
+    """This process's environment for the launched ranks: one thread per process (2 processes
+    on 2 cores), third-party notices nobody can act on silenced here too (every rank does the
+    same when it starts)."""
+    from pipeline.train.distributed import quiet_third_party
 
+    quiet_third_party()
     env = dict(os.environ)
-    env["PYTHONWARNINGS"] = ",".join(x for x in (env.get("PYTHONWARNINGS"), QUIET_WARNINGS) if x)
     env.setdefault("OMP_NUM_THREADS", "1")
-    if not torch.cuda.is_available():
-        env.setdefault("DS_ACCELERATOR", "cpu")
     return env
 
 

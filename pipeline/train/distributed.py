@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -73,8 +74,20 @@ def rank_environ(rank: int, world_size: int, port: int, addr: str = "127.0.0.1")
     }
 
 
+def quiet_third_party() -> None:
+    """Silence, once per process, notices nobody running the pipeline can act on: torch's
+    deprecation of the collective DeepSpeed calls (printed by every rank), and DeepSpeed's note
+    that it fell back to its CPU accelerator (named explicitly instead, as its docs advise)."""
+    warnings.filterwarnings(
+        "ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated"
+    )
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def init_distributed(env: DistEnv) -> None:
     """Join the process group (a no-op when already joined); single processes join one of 1."""
+    quiet_third_party()  # before DeepSpeed is imported: it reads DS_ACCELERATOR then
     import deepspeed  # heavy import, only where a process group is made
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
