@@ -312,6 +312,17 @@ class DinoConfig:
     norm_last_layer: bool = _f(True, "fix the last layer's weight norm (more stable)")
     head_bn: bool = _f(False, "BatchNorm (batch statistics) in the head's MLP, DINO's use_bn")
     koleo_weight: float = _f(0.0, "KoLeo regulariser on the global views' features (DINOv2)")
+    ibot_weight: float = _f(
+        0.0, "iBOT masked-patch loss on the global crops, weight (DINOv2: 1.0); 0 = off"
+    )
+    ibot_separate_head: bool = _f(False, "iBOT with a projection head of its own (else DINO's)")
+    ibot_mask_ratio: tuple[float, float] = _f(
+        (0.1, 0.5), "iBOT: share of a masked sample's patches hidden, uniform in [min, max]"
+    )
+    ibot_mask_probability: float = _f(0.5, "iBOT: probability that a sample is masked at all")
+    centering: Literal["center", "sinkhorn_knopp"] = _f(
+        "center", "teacher centring: DINO's running centre, or DINOv2's Sinkhorn-Knopp"
+    )
     teacher_temp: float = _f(0.07, "teacher temperature after warm-up")
     warmup_teacher_temp: float = _f(0.04, "teacher temperature at step 0")
     warmup_teacher_temp_epochs: int = _f(
@@ -331,6 +342,14 @@ class DinoConfig:
         _at_least("method.dino", self, 1, "out_dim", "hidden_dim", "bottleneck_dim")
         _at_least("method.dino", self, 0, "warmup_teacher_temp_epochs", "freeze_last_layer_epochs")
         _fraction("method.dino", self, "center_momentum", "momentum_teacher")
+        _fraction("method.dino", self, "ibot_mask_probability")
+        _at_least("method.dino", self, 0, "ibot_weight")
+        low, high = self.ibot_mask_ratio
+        _check(
+            0 <= low <= high < 1,
+            f"method.dino.ibot_mask_ratio={list(self.ibot_mask_ratio)} must be [min, max] with "
+            "0 <= min <= max < 1.",
+        )
         for name in ("teacher_temp", "warmup_teacher_temp", "student_temp"):
             _check(getattr(self, name) > 0, f"method.dino.{name} must be positive.")
 
@@ -657,6 +676,18 @@ def _check_recipe(r: Recipe) -> None:
             f"data.crops.mae_size={size} is not divisible by {unit}, the mask unit of "
             f"method.name=mae on {backbone} (method.mae.mask_patch_size, by default "
             f"{'the coarsest stage stride' if hier else 'the patch size'}).",
+        )
+    if r.method.name == "dino" and r.method.dino.ibot_weight > 0:
+        # iBOT swaps masked patch tokens for a learned mask token before the blocks.
+        _check(
+            r.model.backbone.startswith("vit_"),
+            f"method.dino.ibot_weight={r.method.dino.ibot_weight} masks ViT patch tokens; "
+            f"{backbone} is not a ViT: set method.dino.ibot_weight=0.",
+        )
+        _check(
+            not r.data.buckets.navit,
+            f"method.dino.ibot_weight={r.method.dino.ibot_weight} with data.buckets.navit=true: "
+            "iBOT's masks are not drawn for packed images; set one of them off.",
         )
     if r.data.buckets.navit:
         _check(

@@ -6,7 +6,14 @@
 - `forward_packed(batch)`: NaViT packing; several images of different sizes share one sequence with
   block-diagonal attention, and each image gets the same features as when run alone.
 - `forward(x)`: pooled embedding (cls, mean or attention pooling), or logits with `num_classes`;
-  of every image of a `PackedBatch` too.
+  of every image of a `PackedBatch` too. With `masks` and a `mask_token`, the masked patches enter
+  the blocks as the mask token (iBOT's student); `patch_tokens=True` also returns the final patch
+  tokens (iBOT's targets and predictions).
+
+Register tokens (`num_registers`, Darcet et al. 2024) are learned tokens after the class token,
+without a position embedding; they take part in attention only, and no pooling reads them. They
+count in `num_prefix_tokens` (every token before the patches), so packing and MAE leave room for
+them; the position table has a row for the class token only.
 
 Parameter names follow timm's ViT so exported weights load there.
 """
@@ -106,7 +113,7 @@ class VisionTransformer(Backbone):
     """ViT backbone; see the module docstring for its entry points."""
 
     masking = "drop"
-    no_weight_decay_keywords = ("pos_embed", "cls_token", "latent")
+    no_weight_decay_keywords = ("pos_embed", "cls_token", "reg_token", "latent")
 
     def __init__(
         self,
@@ -123,10 +130,13 @@ class VisionTransformer(Backbone):
         drop_path_rate: float = 0.0,
         num_classes: int = 0,
         grad_checkpointing: bool = False,
+        num_registers: int = 0,
     ) -> None:
         super().__init__()
         if pool == "cls" and not class_token:
             raise ValueError("pool='cls' needs class_token=True")
+        if num_registers < 0:
+            raise ValueError(f"num_registers={num_registers} must be >= 0")
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
         self.embed_dim = embed_dim
@@ -134,13 +144,18 @@ class VisionTransformer(Backbone):
         self.mask_stride = patch_size
         self.num_classes = num_classes
         self.pool_type = pool
-        self.num_prefix_tokens = 1 if class_token else 0
+        self.num_cls_tokens = 1 if class_token else 0  # prefix tokens with a position embedding
+        self.num_registers = num_registers
+        self.num_prefix_tokens = self.num_cls_tokens + num_registers
         self.grad_checkpointing = grad_checkpointing
         self.base_grid = img_size // patch_size
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
-        n_pos = self.num_prefix_tokens + self.base_grid**2
+        self.reg_token = (
+            nn.Parameter(torch.zeros(1, num_registers, embed_dim)) if num_registers else None
+        )
+        n_pos = self.num_cls_tokens + self.base_grid**2
         self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, embed_dim))
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, dpr, layer_scale_init)
@@ -157,6 +172,8 @@ class VisionTransformer(Backbone):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.trunc_normal_(self.cls_token, std=1e-6)
+        if self.reg_token is not None:
+            nn.init.trunc_normal_(self.reg_token, std=1e-6)
         # Patch projection initialised like a linear layer (MAE), not like a conv.
         w = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
@@ -190,7 +207,7 @@ class VisionTransformer(Backbone):
 
     def patch_pos_embed(self, rows: int, cols: int) -> torch.Tensor:
         """Position embeddings for a (rows, cols) patch grid, row-major: (rows * cols, D)."""
-        table = self.pos_embed[0, self.num_prefix_tokens :]
+        table = self.pos_embed[0, self.num_cls_tokens :]
         if (rows, cols) == (self.base_grid, self.base_grid):
             return table
         grid = rearrange(table, "(h w) d -> h w d", h=self.base_grid)
@@ -199,20 +216,35 @@ class VisionTransformer(Backbone):
         return rearrange(out, "h w d -> (h w) d")
 
     def _prefix(self, batch: int) -> torch.Tensor:
-        """Class tokens with their position embedding: (B, prefix, D)."""
-        if self.cls_token is None:
+        """Class token with its position embedding, then the registers: (B, prefix, D)."""
+        parts = [] if self.cls_token is None else [self.cls_token + self.pos_embed[:, :1]]
+        if self.reg_token is not None:
+            parts.append(self.reg_token)
+        if not parts:
             return self.pos_embed.new_zeros(batch, 0, self.embed_dim)
-        cls = self.cls_token + self.pos_embed[:, :1]
-        return cls.expand(batch, -1, -1)
+        prefix = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return prefix.expand(batch, -1, -1)
 
     # Entry points ----------------------------------------------------------------------------
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Patch tokens with position embeddings: (B, C, H, W) -> (B, N, D), no prefix."""
+    def embed(
+        self,
+        x: torch.Tensor,
+        masks: torch.Tensor | None = None,
+        mask_token: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Patch tokens with position embeddings: (B, C, H, W) -> (B, N, D), no prefix.
+
+        `masks` (B, N) bool: those patches become `mask_token` (broadcast to (B, N, D)) before
+        the position embedding is added, so a masked token still knows where it is.
+        """
         check_input(x, self.patch_size, type(self).__name__)
         grid = self.patch_embed(x)  # (B, h, w, D)
         rows, cols = grid.shape[1:3]
-        return rearrange(grid, "b h w d -> b (h w) d") + self.patch_pos_embed(rows, cols)
+        tokens = rearrange(grid, "b h w d -> b (h w) d")
+        if masks is not None and mask_token is not None:
+            tokens = torch.where(masks.unsqueeze(-1), mask_token.to(tokens.dtype), tokens)
+        return tokens + self.patch_pos_embed(rows, cols)
 
     def forward_tokens(
         self, tokens: torch.Tensor, attn_mask: torch.Tensor | None = None
@@ -222,9 +254,16 @@ class VisionTransformer(Backbone):
         x = run_blocks(self.blocks, x, self.grad_checkpointing, attn_mask)
         return self.norm(x)
 
-    def forward_features(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, C, H, W) -> (B, prefix + K, D); `keep` (B, K) long picks the patch tokens kept."""
-        tokens = self.embed(x)
+    def forward_features(
+        self,
+        x: torch.Tensor,
+        keep: torch.Tensor | None = None,
+        masks: torch.Tensor | None = None,
+        mask_token: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, C, H, W) -> (B, prefix + K, D); `keep` (B, K) long picks the patch tokens kept;
+        `masks` (B, N) bool replaces patches by `mask_token` (see `embed`)."""
+        tokens = self.embed(x, masks, mask_token)
         if keep is not None:
             tokens = torch.gather(tokens, 1, repeat(keep, "b k -> b k d", d=tokens.shape[-1]))
         return self.forward_tokens(tokens)
@@ -237,12 +276,30 @@ class VisionTransformer(Backbone):
             return features[:, self.num_prefix_tokens :].mean(dim=1)
         return self.attn_pool(features)[:, 0]
 
-    def forward(self, x: torch.Tensor | PackedBatch) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor | PackedBatch,
+        masks: torch.Tensor | None = None,
+        mask_token: torch.Tensor | None = None,
+        patch_tokens: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Pooled embedding (or logits) per image; a `PackedBatch` gives them in its caller's
-        order (`forward_packed`), so multi-crop code runs packed views unchanged."""
+        order (`forward_packed`), so multi-crop code runs packed views unchanged.
+
+        `masks` (B, N) bool with `mask_token` (1, D): masked patches enter as the mask token.
+        `patch_tokens`: return `(pooled, final patch tokens (B, N, D))`. Both go through
+        `__call__` (never `forward_features` directly) so ZeRO-3's hooks gather this module's own
+        parameters (tokens, position table).
+        """
         if isinstance(x, PackedBatch):
+            if masks is not None or patch_tokens:
+                raise ValueError("packed (NaViT) batches take no masks and return no patch tokens")
             return self.head(self.forward_packed(x)[1])
-        return super().forward(x)
+        if masks is None and not patch_tokens:
+            return super().forward(x)
+        feats = self.forward_features(x, masks=masks, mask_token=mask_token)
+        pooled = self.head(self.pool(feats))
+        return (pooled, feats[:, self.num_prefix_tokens :]) if patch_tokens else pooled
 
     def packed_tokens(self, batch: PackedBatch) -> torch.Tensor:
         """NaViT tokens (B, L, D) after the final norm; see `forward_packed`."""
@@ -261,9 +318,17 @@ class VisionTransformer(Backbone):
             table = self.patch_pos_embed(rows, cols).to(x.dtype)
             pos[sel] = table[coords[sel][:, 0] * cols + coords[sel][:, 1]]
         x = x + pos
-        if self.cls_token is not None:
+        if self.num_prefix_tokens:
             is_prefix = (ids >= 0) & ~is_patch
-            x = torch.where(is_prefix.unsqueeze(-1), self._prefix(1).to(x.dtype), x)
+            prefix = self._prefix(1).to(x.dtype)  # (1, P, D)
+            if self.num_prefix_tokens > 1:
+                # Each image's prefix slots open its span, in order: slot k takes prefix token k.
+                m = grids.shape[1]
+                member = ids.unsqueeze(1) == torch.arange(m, device=ids.device).view(1, m, 1)
+                start = torch.gather(member.float().argmax(dim=-1), 1, ids.clamp(min=0))  # (B, L)
+                offset = torch.arange(ids.shape[1], device=ids.device) - start
+                prefix = prefix[0, offset.clamp(0, self.num_prefix_tokens - 1)]  # (B, L, D)
+            x = torch.where(is_prefix.unsqueeze(-1), prefix, x)
 
         # Block-diagonal attention: a token sees only its own image (padding sees padding).
         same = ids.unsqueeze(2) == ids.unsqueeze(1)  # (B, L, L)

@@ -38,7 +38,7 @@ from pipeline.config import Recipe
 from pipeline.data.device_crops import device_views, to_device
 from pipeline.data.packing import PackedBatch, map_images
 from pipeline.data.transforms import DeviceAugment, normalize
-from pipeline.methods.dino import DINO, make_teacher
+from pipeline.methods.dino import DINO, ibot_masks, make_teacher
 from pipeline.methods.mae import MAE
 from pipeline.models import build_backbone
 from pipeline.train.distributed import all_reduce_sum
@@ -199,7 +199,12 @@ class MAEObjective(Objective):
 
 
 class DINOObjective(Objective):
-    """Self-distillation with an EMA teacher on multi-crop views (plus KoLeo)."""
+    """Self-distillation with an EMA teacher on multi-crop views, plus DINOv2's parts as the
+    recipe asks: KoLeo, iBOT's masked-patch loss on the global crops, Sinkhorn-Knopp centring.
+
+    iBOT's masks are drawn per micro-step from the step's generator (so a resumed step draws the
+    same ones), over both global crops together as DINOv2's collate does.
+    """
 
     logged_values = ("momentum", "teacher_temp")
 
@@ -211,6 +216,7 @@ class DINOObjective(Objective):
         self.teacher: Teacher | None = None
         self._augment = DeviceAugment(recipe.data.color, num_global=2)
         self._teacher_out: Sequence[torch.Tensor] = ()
+        self._teacher_patches: torch.Tensor | None = None
 
     def lr_scale(self, group_name: str, epoch: float) -> float:
         # The prototypes stay fixed for the first epochs (DINO's freeze_last_layer).
@@ -232,12 +238,40 @@ class DINOObjective(Objective):
     def loss(
         self, engine: Any, views: list[torch.Tensor], values: dict, generator: torch.Generator
     ) -> dict:
-        self._teacher_out = self.teacher.forward(views[:2])
-        return engine(views, self._teacher_out, values["teacher_temp"])
+        cfg = self.recipe.method.dino
+        if cfg.ibot_weight == 0:
+            self._teacher_out = self.teacher.forward(views[:2])
+            if cfg.centering == "center":  # plain DINO: the call as it always was
+                return engine(views, self._teacher_out, values["teacher_temp"])
+            return engine(
+                views, self._teacher_out, values["teacher_temp"], all_reduce=all_reduce_sum
+            )
+        masks = self._ibot_masks(views[:2], generator)
+        self._teacher_out, self._teacher_patches = self.teacher.forward(views[:2], masks)
+        return engine(views, self._teacher_out, values["teacher_temp"], masks=masks,
+                      teacher_patches=self._teacher_patches, all_reduce=all_reduce_sum)  # fmt: skip
+
+    def _ibot_masks(
+        self, global_views: Sequence[torch.Tensor], generator: torch.Generator
+    ) -> list[torch.Tensor]:
+        """One (B, N) patch mask per global view, drawn over both views' samples together."""
+        cfg = self.recipe.method.dino
+        shapes = {tuple(v.shape[-2:]) for v in global_views}
+        if len(shapes) != 1:
+            raise ValueError(f"iBOT needs global crops of one size; got {sorted(shapes)}")
+        rows, cols = self.student.backbone.grid_size(*shapes.pop())
+        sizes = [v.shape[0] for v in global_views]
+        masks = ibot_masks(sum(sizes), rows * cols, tuple(cfg.ibot_mask_ratio),
+                           cfg.ibot_mask_probability, generator)  # fmt: skip
+        return list(masks.split(sizes))
 
     def after_optimizer_step(self, engine: Any, values: dict, world_size: int) -> None:
         self.teacher.update(values["momentum"])
+        if self.recipe.method.dino.centering == "sinkhorn_knopp":
+            return  # no running centre to move
         engine.module.update_center(self._teacher_out, all_reduce_sum, world_size)
+        if self._teacher_patches is not None:
+            engine.module.update_ibot_center(self._teacher_patches, all_reduce_sum)
 
     def shared_state(self) -> dict[str, dict]:
         return {"teacher": self.teacher.state_dict()}

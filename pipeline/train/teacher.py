@@ -44,10 +44,14 @@ class ReplicatedTeacher:
         # Under fp32 the module's parameters are the master weights; otherwise read DeepSpeed's.
         self.student_is_fp32 = all(p.dtype == torch.float32 for p in self.student_params)
 
-    def forward(self, global_views: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Teacher head outputs for the global views (fp32, no autograd)."""
+    def forward(
+        self, global_views: Sequence[torch.Tensor], masks: Sequence[torch.Tensor] | None = None
+    ) -> Any:
+        """Teacher head outputs for the global views (fp32, no autograd); with iBOT `masks`,
+        `(outputs, masked-patch outputs)` as `DINOTeacher.forward`."""
         with torch.no_grad():
-            return self.module([v.float() for v in global_views])
+            views = [v.float() for v in global_views]
+            return self.module(views) if masks is None else self.module(views, masks)
 
     def _student_fp32(self) -> list[torch.Tensor]:
         if self.student_is_fp32:
@@ -95,11 +99,15 @@ class PartitionedTeacher:
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
 
-    def forward(self, global_views: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Teacher head outputs for the global views, gathered layer by layer (no autograd)."""
+    def forward(
+        self, global_views: Sequence[torch.Tensor], masks: Sequence[torch.Tensor] | None = None
+    ) -> Any:
+        """Teacher head outputs for the global views, gathered layer by layer (no autograd);
+        with iBOT `masks`, `(outputs, masked-patch outputs)` as `DINOTeacher.forward`."""
         dtype = self.params[0].ds_tensor.dtype
         with torch.no_grad():
-            return self.engine([v.to(dtype) for v in global_views])
+            views = [v.to(dtype) for v in global_views]
+            return self.engine(views) if masks is None else self.engine(views, masks)
 
     def update(self, momentum: float) -> None:
         """EMA of the local fp32 slices against the student's local fp32 master slices."""

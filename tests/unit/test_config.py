@@ -314,7 +314,7 @@ def test_shipped_recipe_validates_and_round_trips(tmp_path, path):
 def test_all_shipped_recipes_are_found():
     names = {str(p.relative_to(RECIPES)) for p in SHIPPED}
     assert {"dino_vits16.yaml", "mae_vitl16.yaml", "debug/dino_tiny.yaml"} <= names
-    assert len(names) == 11 and "quickstart.yaml" in names
+    assert len(names) == 12 and {"quickstart.yaml", "dinov2_vits14.yaml"} <= names
 
 
 def test_hash_tracks_content_but_not_placement(tmp_path):
