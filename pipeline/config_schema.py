@@ -320,6 +320,11 @@ class DinoConfig:
         (0.1, 0.5), "iBOT: share of a masked sample's patches hidden, uniform in [min, max]"
     )
     ibot_mask_probability: float = _f(0.5, "iBOT: probability that a sample is masked at all")
+    ibot_mask_shape: Literal["block", "random"] = _f(
+        "block",
+        "iBOT: which patches a masked sample hides: rectangles of patches (DINOv2's; may fall a "
+        "few short of the ratio's count), or patches picked uniformly at random (the exact count)",
+    )
     centering: Literal["center", "sinkhorn_knopp"] = _f(
         "center", "teacher centring: DINO's running centre, or DINOv2's Sinkhorn-Knopp"
     )

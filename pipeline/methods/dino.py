@@ -9,16 +9,17 @@ This module holds the single-device maths:
 - `DINO`: the student (backbone + head + loss), the module the engine wraps;
 - teacher helpers as plain functions: `make_teacher`, `ema_update_`;
 - DINOv2's parts: `sinkhorn_knopp` (centring by three Sinkhorn-Knopp iterations over the global
-  batch instead of the running centre: `centering="sinkhorn_knopp"`), `ibot_masks` and
-  `ibot_loss` (iBOT's masked-patch self-distillation on the global crops, `ibot_weight > 0`), and
-  `koleo_loss`. With their defaults (`ibot_weight=0`, `centering="center"`) nothing of them runs
+  batch instead of the running centre: `centering="sinkhorn_knopp"`), `ibot_masks`, `block_mask`
+  and `ibot_loss` (iBOT's masked-patch self-distillation on the global crops, `ibot_weight > 0`),
+  and `koleo_loss`. With their defaults (`ibot_weight=0`, `centering="center"`) nothing of them runs
   and DINO is unchanged to the bit.
 
 iBOT: a share of the global-crop samples get a random patch mask; the student sees those patches
 as a learned `mask_token`, the teacher sees the whole crop, and the student's head outputs at the
 masked patches learn the teacher's (centred, sharpened) outputs at the same patches. The head is
-DINO's (`ibot_separate_head=False`, DINOv2's default) or a second one of the same shape. DINOv2
-draws block-wise masks; `ibot_masks` masks patches uniformly at random (same counts per sample).
+DINO's (`ibot_separate_head=False`, DINOv2's default) or a second one of the same shape. Masks
+are rectangles of patches, as DINOv2 draws them (`block_mask`), or patches picked uniformly at
+random (`ibot_masks(shape="random")`), with the same counts per sample.
 
 It deliberately does not hold: collectives (the centre's all-reduce is passed in as a function),
 device placement, schedules (teacher momentum and temperature come in as numbers, computed by
@@ -48,7 +49,9 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
+from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -248,20 +251,24 @@ def sinkhorn_knopp(
 
 def ibot_masks(
     samples: int,
-    patches: int,
+    grid: tuple[int, int],
     ratio: tuple[float, float] = (0.1, 0.5),
     probability: float = 0.5,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
+    shape: Literal["block", "random"] = "block",
 ) -> torch.Tensor:
-    """iBOT patch masks (samples, patches) bool, as DINOv2's collate counts them.
+    """iBOT patch masks (samples, rows x cols) bool over a (rows, cols) patch grid, row-major.
 
-    `int(samples x probability)` samples are masked, the others not; the masked ones' ratios are
-    stratified over `ratio`: sample i of n draws uniformly in the i-th of n equal slices of
-    [min, max], and masks `int(patches x ratio_i)` patches. Which samples are masked, and which
-    patches, are uniform draws (DINOv2 masks blocks of patches; the counts are the same).
+    Counts as DINOv2's collate: `int(samples x probability)` samples are masked, the others not;
+    the masked ones' ratios are stratified over `ratio`: sample i of n draws uniformly in the i-th
+    of n equal slices of [min, max], and targets `int(patches x ratio_i)` patches. Which samples
+    are masked is a uniform draw. `shape="block"` hides rectangles of patches (`block_mask`), and
+    may fall a few patches short of a target; `shape="random"` hides exactly the target, picked
+    uniformly at random.
     """
     device = generator.device if generator is not None and device is None else device
+    patches = grid[0] * grid[1]
     n_masked = int(samples * probability)
     bounds = torch.linspace(ratio[0], ratio[1], n_masked + 1, device=device)
     u = torch.rand(n_masked, generator=generator, device=device)
@@ -269,9 +276,68 @@ def ibot_masks(
     counts = torch.zeros(samples, dtype=torch.long, device=device)
     chosen = torch.randperm(samples, generator=generator, device=device)[:n_masked]
     counts[chosen] = (patches * ratios).long()  # truncation, as int()
-    scores = torch.rand(samples, patches, generator=generator, device=device)
-    ranks = scores.argsort(dim=1).argsort(dim=1)  # a random order of each sample's patches
-    return ranks < counts.unsqueeze(1)
+    if shape == "random":
+        scores = torch.rand(samples, patches, generator=generator, device=device)
+        ranks = scores.argsort(dim=1).argsort(dim=1)  # a random order of each sample's patches
+        return ranks < counts.unsqueeze(1)
+    if shape != "block":
+        raise ValueError(f"ibot_masks: shape must be 'block' or 'random', got {shape!r}")
+    # Blocks are a scalar loop: it runs on the CPU, seeded from `generator` (one draw, so a
+    # resumed step that replays the generator draws the same blocks).
+    seed = int(torch.randint(2**62, (1,), generator=generator, device=device))
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((samples, *grid), dtype=bool)
+    for i, target in enumerate(counts.tolist()):
+        if target > 0:
+            block_mask(masks[i], target, rng)
+    return torch.from_numpy(masks.reshape(samples, patches)).to(device)
+
+
+def block_mask(
+    mask: np.ndarray,
+    target: int,
+    rng: np.random.Generator,
+    min_block: int = 4,
+    min_aspect: float = 0.3,
+    attempts: int = 10,
+) -> int:
+    """Mask rectangles of `mask` (rows, cols) bool in place until `target` patches are masked;
+    returns how many it masked, at most `target` (DINOv2's block masking).
+
+    Each block draws an area uniformly between `min_block` and the patches still to mask, a
+    log-uniform aspect ratio in [min_aspect, 1 / min_aspect], and a uniform position; it is kept
+    only if it masks at least one new patch and no more new ones than are still to mask, and
+    each block gets `attempts` tries. When no try succeeds the masking stops, so a sample can end
+    a few patches short of its target (blocks rarely fit the last few exactly); the iBOT loss
+    weights each sample by its own masked count, so any count is fine.
+    """
+    rows, cols = mask.shape
+    log_aspect = (math.log(min_aspect), -math.log(min_aspect))
+    masked = 0
+    while masked < target:
+        budget = target - masked
+        added = 0
+        for _ in range(attempts):
+            u_area, u_aspect, u_top, u_left = rng.random(4)
+            # Below min_block patches left, the area lies in [budget, min_block].
+            area = min_block + (budget - min_block) * u_area
+            aspect = math.exp(log_aspect[0] + (log_aspect[1] - log_aspect[0]) * u_aspect)
+            h = round(math.sqrt(area * aspect))
+            w = round(math.sqrt(area / aspect))
+            if not (h < rows and w < cols):
+                continue
+            top = int(u_top * (rows - h + 1))  # uniform in [0, rows - h]
+            left = int(u_left * (cols - w + 1))
+            block = mask[top : top + h, left : left + w]
+            new = h * w - int(block.sum())
+            if 0 < new <= budget:
+                block[...] = True
+                added = new
+                break
+        if added == 0:
+            break  # no block fits what is left
+        masked += added
+    return masked
 
 
 def ibot_loss(

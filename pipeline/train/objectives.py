@@ -261,8 +261,10 @@ class DINOObjective(Objective):
             raise ValueError(f"iBOT needs global crops of one size; got {sorted(shapes)}")
         rows, cols = self.student.backbone.grid_size(*shapes.pop())
         sizes = [v.shape[0] for v in global_views]
-        masks = ibot_masks(sum(sizes), rows * cols, tuple(cfg.ibot_mask_ratio),
-                           cfg.ibot_mask_probability, generator)  # fmt: skip
+        ratio, probability = tuple(cfg.ibot_mask_ratio), cfg.ibot_mask_probability
+        masks = ibot_masks(
+            sum(sizes), (rows, cols), ratio, probability, generator, shape=cfg.ibot_mask_shape
+        )
         return list(masks.split(sizes))
 
     def after_optimizer_step(self, engine: Any, values: dict, world_size: int) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,7 @@ from pipeline.config import DinoConfig, RecipeError, load_recipe
 from pipeline.data.packing import pack_images
 from pipeline.methods.dino import (
     DINO,
+    block_mask,
     ema_parameters,
     ibot_loss,
     ibot_masks,
@@ -146,20 +148,90 @@ def test_ibot_loss_equals_the_published_formula():
     torch.testing.assert_close(got, sum(per_sample) / 6, rtol=0, atol=1e-6)
 
 
-def test_ibot_masks_count_as_dinov2_and_repeat_with_the_generator():
-    samples, patches = 10, 49
-    masks = ibot_masks(samples, patches, (0.1, 0.5), 0.5, torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("shape", ["block", "random"])
+def test_ibot_masks_count_as_dinov2_and_repeat_with_the_generator(shape):
+    samples, grid, patches = 10, (7, 7), 49
+    masks = ibot_masks(
+        samples, grid, (0.1, 0.5), 0.5, torch.Generator().manual_seed(0), shape=shape
+    )
     assert masks.shape == (samples, patches) and masks.dtype == torch.bool
+    assert masks.device == torch.device("cpu")
     counts = masks.sum(-1)
     assert int((counts > 0).sum()) == 5  # int(10 x 0.5) samples masked, the rest not
-    # Stratified: the i-th masked sample's ratio lies in the i-th fifth of [0.1, 0.5].
+    # Stratified: the i-th masked sample's ratio lies in the i-th fifth of [0.1, 0.5]. Blocks
+    # never exceed the target, and may fall short of it (the lower bound holds for this seed).
     bounds = torch.linspace(0.1, 0.5, 6)
     got = sorted(counts[counts > 0].tolist())
     for i, c in enumerate(got):
         assert int(patches * bounds[i]) <= c <= int(patches * bounds[i + 1])
-    again = ibot_masks(samples, patches, (0.1, 0.5), 0.5, torch.Generator().manual_seed(0))
+    again = ibot_masks(
+        samples, grid, (0.1, 0.5), 0.5, torch.Generator().manual_seed(0), shape=shape
+    )
     assert torch.equal(masks, again)
-    assert not ibot_masks(4, 9, (0.1, 0.5), 0.0, torch.Generator()).any()
+    other = ibot_masks(
+        samples, grid, (0.1, 0.5), 0.5, torch.Generator().manual_seed(1), shape=shape
+    )
+    assert not torch.equal(masks, other)
+    assert not ibot_masks(4, (3, 3), (0.1, 0.5), 0.0, torch.Generator(), shape=shape).any()
+
+
+def test_block_masks_stay_within_each_samples_target_and_mask_nothing_else():
+    # The targets, drawn as `shape="random"` draws them (same generator calls), are exact there.
+    samples, grid = 64, (14, 14)
+    g = torch.Generator().manual_seed(3)
+    targets = ibot_masks(samples, grid, (0.1, 0.5), 0.5, g, shape="random").sum(-1)
+    blocks = ibot_masks(samples, grid, (0.1, 0.5), 0.5, torch.Generator().manual_seed(3))
+    counts = blocks.sum(-1)
+    assert torch.equal(counts > 0, targets > 0)  # the same samples masked; the others untouched
+    assert bool((counts <= targets).all())  # never more than the target
+    # Short by at most a few patches: blocks rarely fit the last few exactly.
+    assert int(counts.sum()) >= 0.95 * int(targets.sum())
+    assert bool((counts[targets > 0] >= 4).all())
+
+
+def test_block_mask_masks_in_place_up_to_its_target():
+    rng = np.random.default_rng(0)
+    for target in [1, 3, 4, 20, 98]:
+        mask = np.zeros((14, 14), dtype=bool)
+        mask[0, :5] = True  # masked already: kept, and not counted
+        got = block_mask(mask, target, rng)
+        assert 0 <= got <= target and int(mask.sum()) == 5 + got and mask[0, :5].all()
+
+
+def masked_neighbours(masks: torch.Tensor, rows: int, cols: int) -> float:
+    """Mean number of masked 4-neighbours per masked patch."""
+    m = masks.view(-1, rows, cols).float()
+    padded = F.pad(m, (1, 1, 1, 1))
+    neighbours = (
+        padded[:, :-2, 1:-1] + padded[:, 2:, 1:-1] + padded[:, 1:-1, :-2] + padded[:, 1:-1, 2:]
+    )
+    return float((neighbours * m).sum() / m.sum())
+
+
+def test_block_masks_are_rectangles_where_random_masks_are_scattered():
+    # Blocks: most masked patches sit inside a rectangle, with 3-4 masked neighbours; uniform
+    # patches at ratios 0.1-0.5 have ~4 x 0.3 of them.
+    args = (64, (14, 14), (0.1, 0.5), 0.5)
+    blocks = ibot_masks(*args, torch.Generator().manual_seed(0), shape="block")
+    scattered = ibot_masks(*args, torch.Generator().manual_seed(0), shape="random")
+    assert masked_neighbours(blocks, 14, 14) > 2.5
+    assert masked_neighbours(scattered, 14, 14) < 1.8
+    # And a 2x2 square fully masked in every masked sample.
+    m = blocks.view(-1, 14, 14)
+    squares = m[:, :-1, :-1] & m[:, 1:, :-1] & m[:, :-1, 1:] & m[:, 1:, 1:]
+    assert torch.equal(squares.flatten(1).any(-1), m.flatten(1).any(-1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("shape", ["block", "random"])
+def test_ibot_masks_on_the_generators_device(shape):
+    g = torch.Generator("cuda").manual_seed(0)
+    masks = ibot_masks(8, (16, 16), (0.1, 0.5), 0.5, g, shape=shape)
+    assert masks.device.type == "cuda" and masks.dtype == torch.bool
+    again = ibot_masks(
+        8, (16, 16), (0.1, 0.5), 0.5, torch.Generator("cuda").manual_seed(0), shape=shape
+    )
+    assert torch.equal(masks, again)
 
 
 def tiny_cfg(**overrides: object) -> DinoConfig:
@@ -196,7 +268,7 @@ def test_ibot_in_the_dino_loss_equals_its_parts_by_hand(separate, centering):
             student.criterion.ibot_center.normal_()
     teacher = make_teacher(student)
     v = views()
-    masks = list(ibot_masks(6, 16, (0.1, 0.5), 0.5, torch.Generator().manual_seed(1)).split(3))
+    masks = list(ibot_masks(6, (4, 4), (0.1, 0.5), 0.5, torch.Generator().manual_seed(1)).split(3))
     teacher_out, teacher_patches = teacher(v[:2], masks)
     out = student(v, teacher_out, 0.05, masks=masks, teacher_patches=teacher_patches)
 
