@@ -96,7 +96,10 @@ def kept_grad_accum(checkpoints: Path, batch_size: int, world_size: int) -> int:
     pointer = checkpoints / POINTER_FILE
     if not pointer.is_file():
         return 1
-    record = read_commit(checkpoints / pointer.read_text().strip())
+    try:
+        record = read_commit(checkpoints / pointer.read_text().strip())
+    except Exception:  # unreadable: the trainer picks (or refuses) the checkpoint and says why
+        return 1
     saved = record.get("progress", {}).get("global_batch")
     if saved is None or saved == batch_size * world_size:
         return 1
