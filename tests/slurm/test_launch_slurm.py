@@ -147,6 +147,11 @@ RESUMED_LIMIT_MIN = 15
 RESUMED_TIMEOUT_S = 900  # the rest of the run, on a loaded machine (3-4 steps/s on 2 nodes seen)
 
 
+# States a job passes through on its way to a requeue: SIGNALING while slurmctld delivers the
+# time-limit warning (seen on the bed), COMPLETING and REQUEUED as the allocation ends.
+ON_ITS_WAY = {"PENDING", "CONFIGURING", "RUNNING", "SIGNALING", "COMPLETING", "REQUEUED"}
+
+
 def limit_after_requeue(bed, job: int, timeout: float = 180) -> dict:
     """Wait for the job's first requeue (its own, at the time-limit warning), then raise the
     pending job's time limit for the resumed allocation. Returns the job as it was requeued."""
@@ -158,7 +163,7 @@ def limit_after_requeue(bed, job: int, timeout: float = 180) -> dict:
             return info
         if info.get("JobState") == "COMPLETED":
             raise AssertionError(f"job {job} finished within one allocation: raise STEPS")
-        if info.get("JobState") not in {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING"}:
+        if info.get("JobState") not in ON_ITS_WAY:
             raise AssertionError(f"job {job} ended before requeueing itself: {info}")
         if time.monotonic() > deadline:
             raise AssertionError(f"job {job} did not requeue itself in {timeout}s: {info}")

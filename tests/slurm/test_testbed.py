@@ -41,9 +41,15 @@ def _wait_lines(path: Path, want: dict[str, int], timeout: float = 30) -> list[s
 
 
 def test_every_node_is_idle_at_its_own_address(slurm_bed):
-    out = slurm_bed.run("sinfo", "-h", "-N", "-p", slurm_bed.partition, "-o", "%N %t %o")
-    rows = sorted(tuple(line.split()) for line in out.splitlines())
-    assert rows == [(n, "idle", slurm_bed.addrs[n]) for n in sorted(slurm_bed.nodes)]
+    want = [(n, "idle", slurm_bed.addrs[n]) for n in sorted(slurm_bed.nodes)]
+    deadline = time.monotonic() + 60  # a job another test cancelled may still be completing
+    while True:
+        out = slurm_bed.run("sinfo", "-h", "-N", "-p", slurm_bed.partition, "-o", "%N %t %o")
+        rows = sorted(tuple(line.split()) for line in out.splitlines())
+        if rows == want or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert rows == want
     assert len(set(slurm_bed.addrs.values())) == len(slurm_bed.nodes)
 
 
