@@ -31,8 +31,8 @@ Loading at another data-parallel world size (what DeepSpeed 0.19.8 does, checked
 - ZeRO-3 weights only: DeepSpeed consolidates the fp32 shards (`zero_to_fp32`), but it finds the
   tag through `latest` whatever tag it is given; we hand it a throw-away directory whose `latest`
   and links point at our tag (also used at the same world size).
-- ZeRO-3 with optimizer state: refused with a `CheckpointError` (the universal path loses per-group
-  hyper-parameters and frozen parameters under ZeRO-3; see PITFALLS.md).
+- ZeRO-3 with optimizer state: refused with a `CheckpointError` (DeepSpeed's universal path loses
+  per-group hyper-parameters and frozen parameters under ZeRO-3).
 
 This module deliberately does not decide what goes into the states (the engine does), nor how a
 resumed run re-splits per-rank data positions across a new world size (the loader does, from the
