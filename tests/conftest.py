@@ -46,3 +46,16 @@ def image_shards(tmp_path_factory) -> Callable[..., str]:
         return made[key]
 
     return make
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test, restored after it: the models in unit tests are tiny, and
+    extra intra-op threads only add spin-waits that make them several times slower on a busy
+    machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -73,17 +73,6 @@ def complement(intervals: np.ndarray, total: int) -> np.ndarray:
     return edges[edges[:, 1] > edges[:, 0]]
 
 
-def from_points(points: np.ndarray) -> np.ndarray:
-    """Intervals holding exactly the given ids."""
-    p = np.unique(np.asarray(points, dtype=np.int64))
-    if not len(p):
-        return EMPTY.copy()
-    breaks = np.flatnonzero(np.diff(p) != 1)
-    starts = np.concatenate([[p[0]], p[breaks + 1]])
-    ends = np.concatenate([p[breaks], [p[-1]]]) + 1
-    return np.stack([starts, ends], axis=1)
-
-
 def count(intervals: np.ndarray | None) -> int:
     """How many ids the intervals hold."""
     if intervals is None or not len(intervals):
@@ -343,7 +332,6 @@ class RawIndex:
 
     def __init__(self, runs: np.ndarray):
         runs = np.asarray(runs, dtype=np.int64).reshape(-1, 2)
-        self.runs = runs
         self.gid = runs[:, 0]
         self.cum = np.concatenate([[0], np.cumsum(runs[:, 1])]).astype(np.int64)
         self.by_gid = np.argsort(self.gid, kind="stable")

@@ -458,11 +458,9 @@ class _Position:
     bad: Counter = field(default_factory=Counter)  # this epoch: bad samples per shard
 
 
-def _ints(data: torch.Tensor | bytes | None) -> np.ndarray:
-    """An int64 array from a saved tensor (or the raw bytes an earlier version saved)."""
-    if isinstance(data, torch.Tensor):
-        return data.numpy().astype(np.int64).reshape(-1)
-    return np.frombuffer(data or b"", dtype=np.int64).copy()
+def _ints(data: torch.Tensor) -> np.ndarray:
+    """An int64 array from a saved tensor."""
+    return data.numpy().astype(np.int64).reshape(-1)
 
 
 def _positions(pending: set[int]) -> torch.Tensor:

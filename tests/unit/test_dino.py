@@ -24,14 +24,7 @@ OUT_DIM = 64
 LOG_K = math.log(OUT_DIM)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: extra intra-op threads only add spin-waits, which on a busy
-    machine make the training checks several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg(**overrides: object) -> DinoConfig:

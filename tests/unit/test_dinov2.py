@@ -27,13 +27,7 @@ from pipeline.methods.dino import (
 from pipeline.models.vit import VisionTransformer
 from pipeline.train.objectives import param_groups
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Transcriptions of the published formulas -----------------------------------------------------

@@ -18,13 +18,7 @@ from pipeline.eval.linear import (
 )
 from pipeline.models import build_backbone
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_vit(**kw):
