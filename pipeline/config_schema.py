@@ -207,7 +207,11 @@ class BucketsConfig:
     batch_tokens: int | None = _f(
         None, "global-crop patch tokens per batch; null = train.batch_size x square-crop tokens"
     )
-    navit: bool = _f(False, "ViT only: native-resolution images packed into sequences (NaViT)")
+    navit: bool = _f(
+        False,
+        "ViT only: native-resolution images packed into sequences (NaViT); train.batch_size and "
+        "the logged samples count sequences, images_per_s and images count images",
+    )
     max_side: int = _f(512, "NaViT: longer image side is capped to this many pixels")
     seq_len: int = _f(1024, "NaViT: tokens per packed sequence")
 

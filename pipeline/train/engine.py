@@ -32,7 +32,7 @@ from pipeline.config import Recipe, recipe_hash, save_recipe
 from pipeline.data.loader import build_train_loader
 from pipeline.models import compile_blocks
 from pipeline.train.checkpoint import CheckpointError, CheckpointManager, rng_state, set_rng_state
-from pipeline.train.distributed import DistEnv, every_rank, init_distributed
+from pipeline.train.distributed import DistEnv, all_reduce_sum, every_rank, init_distributed
 from pipeline.train.metrics import MetricsWriter, SampleLog, peak_memory_gb
 from pipeline.train.objectives import Objective, build_objective, param_groups
 from pipeline.train.preemption import StopFlag
@@ -302,6 +302,7 @@ class Trainer:
         stop = StopFlag()
         stopped = None
         batches = iter(self.loader)
+        packed = recipe.data.buckets.navit
         last = time.perf_counter()
         try:
             while self.step < self.total:
@@ -324,6 +325,13 @@ class Trainer:
                 self.step = step = step + 1
                 now = time.perf_counter()
                 record = None
+                images = self.global_batch
+                if packed and step % recipe.log.every_steps == 0:
+                    # A packed sequence holds a varying number of images: count them (every rank
+                    # takes this branch on the same steps, so the collective matches; padding
+                    # repeats have negative ids).
+                    here = torch.tensor([float(sum(i >= 0 for i in ids))], device=env.device)
+                    images = int(all_reduce_sum(here).item())
                 if logs and step % recipe.log.every_steps == 0:
                     record = {
                         "step": step,
@@ -333,11 +341,13 @@ class Trainer:
                         "lr": values["lr"],
                         "wd": values["wd"],
                         "grad_norm": _grad_norm(self.engine),
-                        "images_per_s": round(self.global_batch / (now - last), 2),
+                        "images_per_s": round(images / (now - last), 2),
                         "data_time": round(data_time, 4),
                         "mem_gb": round(peak_memory_gb(env.device), 3),
                         **{k: values[k] for k in objective.logged_values},
                     }
+                    if packed:  # `samples` counts packed sequences there
+                        record["images"] = images
                 writer.step(step, record)
                 if step % self.steps_per_epoch == 0:
                     scores = objective.at_epoch_end(self.engine)

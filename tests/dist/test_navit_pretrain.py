@@ -14,6 +14,7 @@ methods' comparison.
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -41,6 +42,7 @@ def test_mae_and_dino_train_on_packed_mixed_size_images(image_shards, tmp_path):
         f"train.steps={STEPS}",
         f"checkpoint.every_steps={STEPS}",
         "log.tensorboard=false",
+        "log.sample_ids=true",
         "optim.warmup_epochs=0",
     ]
     runs = [
@@ -57,6 +59,15 @@ def test_mae_and_dino_train_on_packed_mixed_size_images(image_shards, tmp_path):
         assert np.isfinite(loss).all(), name
         first, last = loss[1:6].mean(), loss[-5:].mean()
         assert last < 0.95 * first, f"{name}: loss {first:.4f} -> {last:.4f}"
+        # images counts the images packed into the step's 2 x 2 sequences, on both ranks
+        seen = {}
+        for rank_log in (tmp_path / name).glob("samples-rank*.jsonl"):
+            for line in rank_log.read_text().splitlines():
+                record = json.loads(line)
+                seen[record["step"]] = seen.get(record["step"], 0) + len(record["ids"])
+        assert [r["images"] for r in m] == [seen[r["step"]] for r in m], name
+        # more images than sequences (an epoch's last batch may hold fewer)
+        assert sum(seen.values()) > 4 * len(seen), f"{name}: one image per sequence? {seen}"
     dino = metrics(tmp_path / "dino")
     entropy = np.array([r["teacher_entropy"] for r in dino])
     kl = np.array([r["kl_to_uniform"] for r in dino])
